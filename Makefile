@@ -1,0 +1,29 @@
+# towerws: `make run` starts a development server, `make test` runs the whole suite.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= etc/towerws.conf
+
+.PHONY: run test clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,emit]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	@echo "towerws development server on ws://localhost:8051/websocket/ (config $(CONFIG))"
+	@echo "  WARNING: static tokens from etc/tokens.dev.json are for development only."
+	@echo "  connect: $(VENV)/bin/python -m websockets 'ws://localhost:8051/websocket/?token=dev-token'"
+	@echo "           then type: {\"groups\": {\"jobs\": [\"status_changed\"]}}"
+	@echo "  publish: $(VENV)/bin/towerws-publish jobs-status_changed '{\"status\": \"running\"}'"
+	exec $(VENV)/bin/twistd --nodaemon --pidfile= towerws --config $(CONFIG)
+
+# The suite needs a real RabbitMQ; tests/conftest.py starts the local one if needed.
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info _trial_temp

@@ -1,0 +1,299 @@
+"""Shared fixtures: a real RabbitMQ, an in-process towerws, websocket clients, a pika publisher.
+
+Tests run under pytest-twisted with the asyncio reactor, so the Twisted server
+and the asyncio clients (``websockets``) share one event loop.  Test bodies are
+asyncio coroutines marked with :func:`aio_test`; blocking pika calls run in a
+one-thread executor so they never block that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+import pytest_twisted
+import websockets
+from twisted.internet.defer import Deferred
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+BROKER = ("127.0.0.1", 5672)
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+TIMEOUT = 10.0
+
+TOKENS = {
+    "token-admin": {"id": 1, "username": "admin", "is_superuser": True},
+    "token-alice": {"id": 7, "username": "alice"},
+    "token-bob": 8,
+}
+
+
+# -- the broker ----------------------------------------------------------------
+
+
+def _broker_listening() -> bool:
+    try:
+        with socket.create_connection(BROKER, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Make sure RabbitMQ is there: start the local one if needed, else stop with one line."""
+    if _broker_listening():
+        return
+    if shutil.which("rabbitmq-server") is None:
+        pytest.exit("towerws tests need RabbitMQ on 127.0.0.1:5672 (guest/guest): nothing listens there "
+                    "and rabbitmq-server is not installed", returncode=1)
+    subprocess.run(["rabbitmq-server", "-detached"], check=False, capture_output=True, timeout=60)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if _broker_listening():
+            return
+        time.sleep(0.5)
+    pytest.exit("towerws tests need RabbitMQ on 127.0.0.1:5672: started rabbitmq-server -detached "
+                "but nothing listened within 90 s", returncode=1)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+# -- running asyncio code in tests ---------------------------------------------
+
+
+def aio(awaitable: Awaitable[Any]) -> Deferred:
+    return Deferred.fromFuture(asyncio.ensure_future(awaitable))
+
+
+async def wait(d: Deferred, timeout: float = TIMEOUT) -> Any:
+    """Await a Twisted Deferred from asyncio code, bounded."""
+    return await asyncio.wait_for(d.asFuture(asyncio.get_running_loop()), timeout)
+
+
+def aio_test(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Deferred]:
+    """Run an asyncio test coroutine on the reactor's loop (fixtures are passed through)."""
+
+    @pytest_twisted.ensureDeferred
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return await aio(asyncio.wait_for(fn(*args, **kwargs), 60))
+
+    return wrapper
+
+
+# -- the publisher ---------------------------------------------------------------
+
+
+class Publisher:
+    """A pika publisher, as the API tier would use; blocking calls run in one worker thread."""
+
+    def __init__(self, exchange: str):
+        self.exchange = exchange
+        self._executor = ThreadPoolExecutor(max_workers=1)
+        self._conn: pika.BlockingConnection | None = None
+
+    def _channel(self) -> Any:
+        if self._conn is None or self._conn.is_closed:
+            self._conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+            self._ch = self._conn.channel()
+            self._ch.exchange_declare(self.exchange, "topic", durable=True)
+            self._ch.confirm_delivery()
+        return self._ch
+
+    def _publish_many(self, items: list[tuple[str, bytes, dict | None]]) -> None:
+        ch = self._channel()
+        for group, body, headers in items:
+            props = pika.BasicProperties(content_type="application/json", headers=headers)
+            ch.basic_publish(self.exchange, group, body, props)
+
+    async def publish(self, group: str, payload: Any, headers: dict | None = None) -> None:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        await self.publish_many([(group, body, headers)])
+
+    async def publish_many(self, items: list[tuple[str, bytes, dict | None]]) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.run_in_executor(self._executor, self._publish_many, items), TIMEOUT)
+
+    def run(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(channel)`` in the worker thread (blocking; for teardown)."""
+        return self._executor.submit(lambda: fn(self._channel())).result(TIMEOUT)
+
+    def close(self) -> None:
+        def _close() -> None:
+            if self._conn is not None and self._conn.is_open:
+                self._conn.close()
+
+        self._executor.submit(_close).result(TIMEOUT)
+        self._executor.shutdown()
+
+
+@pytest.fixture
+def exchange() -> Any:
+    name = unique("towerws-test")
+    yield name
+    with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as conn:
+        conn.channel().exchange_delete(name)
+
+
+@pytest.fixture
+def publisher(exchange: str) -> Any:
+    pub = Publisher(exchange)
+    yield pub
+    pub.close()
+
+
+@pytest.fixture
+def tokens_file(tmp_path: Path) -> str:
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps(TOKENS))
+    return str(path)
+
+
+# -- websocket clients -------------------------------------------------------------
+
+
+class Client:
+    """A ``websockets`` client speaking towerws's JSON protocol, every wait bounded."""
+
+    def __init__(self, ws: Any):
+        self.ws = ws
+
+    async def recv(self, timeout: float = TIMEOUT) -> str:
+        return await asyncio.wait_for(self.ws.recv(), timeout)
+
+    async def recv_json(self, timeout: float = TIMEOUT) -> Any:
+        return json.loads(await self.recv(timeout))
+
+    async def send_json(self, obj: Any) -> None:
+        await self.ws.send(json.dumps(obj))
+
+    async def subscribe(self, groups: dict[str, list[Any]], **extra: Any) -> dict:
+        """Send a groups message and return its reply (errors before it are collected in ``errors``)."""
+        await self.send_json({"groups": groups, **extra})
+        errors = []
+        while True:
+            msg = await self.recv_json()
+            if "groups_current" in msg:
+                msg["errors"] = errors
+                return msg
+            errors.append(msg)
+
+    async def closed(self, timeout: float = TIMEOUT) -> tuple[int | None, str]:
+        """Wait for the server to close; returns (code, reason)."""
+        try:
+            while True:
+                await asyncio.wait_for(self.ws.recv(), timeout)
+        except websockets.ConnectionClosed as exc:
+            rcvd = exc.rcvd
+            return (rcvd.code, rcvd.reason) if rcvd else (None, "")
+
+    async def no_message(self, timeout: float = 0.3) -> None:
+        """Assert nothing else arrives (after a positive delivery proved the path is live)."""
+        with pytest.raises(asyncio.TimeoutError):
+            msg = await asyncio.wait_for(self.ws.recv(), timeout)
+            pytest.fail(f"unexpected message {msg!r}")
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+async def connect(url: str, token: str | None = "token-alice", accept: bool = True, **kw: Any) -> Client:
+    if token is not None:
+        url += ("&" if "?" in url else "?") + f"token={token}"
+    ws = await asyncio.wait_for(websockets.connect(url, open_timeout=TIMEOUT, **kw), TIMEOUT)
+    client = Client(ws)
+    if accept:
+        hello = await client.recv_json()
+        assert hello["accept"] is True, hello
+    return client
+
+
+# -- the server under test -----------------------------------------------------------
+
+
+class Server:
+    def __init__(self, service: Any, port: int):
+        self.service = service
+        self.port = port
+        self.url = f"ws://127.0.0.1:{port}/websocket/"
+        self.http = f"http://127.0.0.1:{port}"
+
+    async def connect(self, token: str | None = "token-alice", **kw: Any) -> Client:
+        return await connect(self.url, token, **kw)
+
+
+def server_options(exchange: str, tokens_file: str, **extra: Any) -> dict[str, str]:
+    opts = {
+        "listen": "tcp:0:interface=127.0.0.1",
+        "amqp_url": AMQP_URL,
+        "exchange": exchange,
+        "tokens_file": tokens_file,
+        "node_id": unique("test"),
+        "unbind_grace": "0",
+        "queue_expires": "60",
+        "ping_interval": "0",
+    }
+    opts.update({k: str(v) for k, v in extra.items()})
+    return opts
+
+
+def delete_queue(name: str) -> None:
+    with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as conn:
+        conn.channel().queue_delete(name)
+
+
+async def start_server(options: dict[str, str]) -> Server:
+    """Build the service through the twistd plugin's makeService and start it."""
+    from twisted.plugins.towerws_plugin import serviceMaker
+
+    opts = serviceMaker.options()
+    args = []
+    for key, value in options.items():
+        args += [f"--{key.replace('_', '-')}", value]
+    opts.parseOptions(args)
+    service = serviceMaker.makeService(opts)
+    service.startService()
+    port = await wait(service.listening())
+    await wait(service.bus.when_ready())
+    return Server(service, port.getHost().port)
+
+
+async def stop_server(server: Server) -> None:
+    await wait(server.service.stopService())
+
+
+@pytest.fixture
+def server_factory(exchange: str, tokens_file: str) -> Any:
+    """Start in-process servers with extra options; all are stopped and their queues deleted."""
+    started: list[Server] = []
+
+    async def make(**extra: Any) -> Server:
+        server = await start_server(server_options(exchange, tokens_file, **extra))
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        pytest_twisted.blockon(aio(stop_server(server)))
+        delete_queue(server.service.bus.queue)
+
+
+@pytest.fixture
+def server(server_factory: Any) -> Server:
+    return pytest_twisted.blockon(aio(server_factory()))

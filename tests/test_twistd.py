@@ -1,0 +1,136 @@
+"""``twistd towerws`` as a real process: start-up, a full delivery, and one-line errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import AMQP_URL, ROOT, VENV_BIN, aio_test, connect, delete_queue, unique
+
+TWISTD = str(VENV_BIN / "twistd")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_twistd(*args: str, env: dict | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [TWISTD, "--nodaemon", "--pidfile=", "towerws", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@aio_test
+async def test_twistd_process_delivers(exchange: str, tokens_file: str, publisher) -> None:
+    port = free_port()
+    node = unique("twistd")
+    proc = await asyncio.create_subprocess_exec(
+        TWISTD, "--nodaemon", "--pidfile=", "towerws",
+        "--listen", f"tcp:{port}:interface=127.0.0.1", "--exchange", exchange, "--node-id", node,
+        "--tokens-file", tokens_file, "--queue-expires", "30",
+        env={**os.environ, "TOWERWS_AMQP_URL": AMQP_URL}, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        # Ready when it says it consumes its queue (an event, not a sleep).
+        lines = []
+        while True:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+            assert line, "twistd exited early:\n" + "".join(lines)
+            lines.append(line)
+            if f"consuming towerws.{node}" in line:
+                break
+        ws = await connect(f"ws://127.0.0.1:{port}/websocket/", "token-alice")
+        reply = await ws.subscribe({"jobs": ["status_changed"]})
+        assert reply["groups_joined"] == ["jobs-status_changed"]
+        await publisher.publish("jobs-status_changed", {"status": "successful", "id": 3})
+        assert await ws.recv_json() == {"status": "successful", "id": 3}
+        await ws.close()
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 20)
+        delete_queue(f"towerws.{node}")
+    rest = (await asyncio.wait_for(proc.stdout.read(), 5)).decode()
+    # twistd re-raises the signal it stopped on, unless towerws's shutdown ran to the end.
+    assert proc.returncode in (0, -signal.SIGTERM), "".join(lines) + rest
+    assert "Server Shut Down." in rest
+    assert "#debug]" not in "".join(lines) + rest
+
+
+@pytest.mark.parametrize(
+    "args,env,expected",
+    [
+        (["--listen", "nonsense:1"], {}, "--listen"),
+        (["--amqp-url", "http://x"], {}, "--amqp-url"),
+        (["--prefetch", "-3"], {}, "--prefetch"),
+        (["--bogus-option", "1"], {}, "bogus-option"),
+        ([], {"TOWERWS_PING_INTERVAL": "soon"}, "TOWERWS_PING_INTERVAL"),
+        (["--tokens-file", "/nonexistent/tokens.json"], {}, "/nonexistent/tokens.json"),
+        (["--config", "/nonexistent/towerws.conf"], {}, "/nonexistent/towerws.conf"),
+    ],
+)
+def test_bad_options_fail_with_one_line(args: list[str], env: dict, expected: str) -> None:
+    result = run_twistd(*args, env=env)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ("{not json", "not valid JSON"),
+        ('["a"]', "JSON object"),
+        ('{"t": "seven"}', "entry 1"),
+        ('{"t": {"id": -1}}', "entry 1"),
+    ],
+)
+def test_invalid_tokens_file_fails_with_one_line(tmp_path: Path, content: str, expected: str) -> None:
+    path = tmp_path / "tokens.json"
+    path.write_text(content)
+    result = run_twistd("--tokens-file", str(path))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0] and str(path) in lines[0], result.stderr
+    assert "seven" not in result.stderr  # a token file's contents are never echoed
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ("[towerws]\nlisten = tcp:1\nlisen = 2\n", "unknown option 'lisen'"),
+        ("not an ini file", "invalid INI"),
+        ("[other]\n", "no [towerws] section"),
+        ("[towerws]\nmax_message_size = big\n", "--max-message-size"),
+    ],
+)
+def test_invalid_config_file_fails_with_one_line(tmp_path: Path, content: str, expected: str) -> None:
+    path = tmp_path / "towerws.conf"
+    path.write_text(content)
+    result = run_twistd("--config", str(path))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_help_lists_every_option() -> None:
+    result = subprocess.run([TWISTD, "towerws", "--help"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert result.returncode == 0
+    from towerws.config import OPTIONS, cli_name
+
+    for fld in OPTIONS:
+        assert f"--{cli_name(fld.name)}" in result.stdout

@@ -1,0 +1,431 @@
+"""The AMQP side: consume this node's RabbitMQ queue and keep its bindings in step.
+
+* :class:`BrokerProtocol` -- a txAMQP client whose frame reader takes a fast
+  path for deliveries on the consuming channel (``basic.deliver`` + content
+  header + body frames are cut straight out of the buffer, no generic codec,
+  no Deferred per message) and acknowledges them in one ``multiple`` ack per read.
+* :class:`Bindings` -- binds the queue to each group the hub reports active and
+  unbinds it a grace period after the group's last subscriber left; one operation
+  in flight per group, re-applied on every new connection.
+* :class:`AMQPService` -- ``ClientService`` with exponential backoff: connect,
+  declare exchange and queue, re-bind, consume; forever.
+
+Queue ``towerws.<node-id>`` is neither exclusive nor auto-delete: it outlives a
+dropped connection (``x-expires``) so messages routed while the connection was
+down are delivered after reconnect, bounded by ``x-max-length`` (drop-head).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from txamqp.client import TwistedDelegate
+from txamqp.protocol import AMQClient
+
+from towerws.amqpspec import install_codec, load_spec, silence_txamqp_returnvalue_warning
+from towerws.config import Settings
+from towerws.hub import Hub, InvalidBody
+from towerws.websocket import BrokerUnavailable
+
+CHANNEL = 1
+FRAME_END = 0xCE
+_HEADER = struct.Struct("!BHI")
+_U64 = struct.Struct("!Q")
+_DELIVER = b"\x00\x3c\x00\x3c"  # class 60 (basic), method 60 (deliver)
+
+
+def ack_frame(channel: int, delivery_tag: int) -> bytes:
+    """``basic.ack`` with ``multiple=true``: everything up to ``delivery_tag``."""
+    return _HEADER.pack(1, channel, 13) + struct.pack("!HHQB", 60, 80, delivery_tag, 1) + b"\xce"
+
+
+class RateLimitedLog:
+    """Logs an event at most once per ``interval`` seconds, counting the ones it held back."""
+
+    def __init__(self, log: Logger, clock: IReactorTime, interval: float = 10.0):
+        self._log, self._clock, self._interval = log, clock, interval
+        self._next = 0.0
+        self._held = 0
+
+    def warn(self, fmt: str, **kw: Any) -> None:
+        now = self._clock.seconds()
+        if now < self._next:
+            self._held += 1
+            return
+        self._log.warn(fmt + " ({suppressed} similar suppressed)", suppressed=self._held, **kw)
+        self._held = 0
+        self._next = now + self._interval
+
+
+class BrokerProtocol(AMQClient):
+    """txAMQP client with a fast path for ``basic.deliver`` on :data:`CHANNEL`."""
+
+    log = Logger()
+    #: set once ``basic.consume`` is sent; until then every frame takes the generic path
+    consuming = False
+
+    def __init__(self, on_delivery: Callable[[str, bytes], None], vhost: str, heartbeat: int, clock: IReactorTime):
+        super().__init__(TwistedDelegate(), vhost, load_spec(), heartbeat=heartbeat, clock=clock)
+        self.on_delivery = on_delivery
+        self.lost: Deferred[None] = Deferred()
+        self._buffer = bytearray()
+        self._delivery: list[Any] | None = None  # [tag, routing key, size, received, chunks]
+        self._last_tag = 0
+        self._acked_tag = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        buf = self._buffer
+        buf += data
+        pos, size = 0, len(buf)
+        try:
+            while size - pos > 7:
+                ftype, channel, length = _HEADER.unpack_from(buf, pos)
+                end = pos + 7 + length
+                if end >= size:
+                    break
+                if buf[end] != FRAME_END:
+                    raise ValueError(f"frame end octet is {buf[end]:#x}")
+                if not (self.consuming and channel == CHANNEL and self._fast_path(ftype, buf, pos + 7, end)):
+                    self.frame_received(self._unpack_frame(bytes(buf[pos : end + 1])))
+                pos = end + 1
+        except Exception:
+            # A frame we cannot read leaves the stream unusable: drop the connection
+            # (ClientService reconnects); unacknowledged deliveries are redelivered.
+            self.log.failure("unreadable AMQP frame from the broker; reconnecting")
+            self.transport.abortConnection()
+            return
+        finally:
+            del buf[:pos]
+        if self._last_tag != self._acked_tag:
+            self._acked_tag = self._last_tag
+            self.transport.write(ack_frame(CHANNEL, self._last_tag))
+        if self.heartbeatInterval > 0 and pos:
+            self.reschedule_check_heartbeat()
+
+    def _fast_path(self, ftype: int, buf: bytearray, start: int, end: int) -> bool:
+        if ftype == 1:
+            if buf[start : start + 4] != _DELIVER:
+                return False
+            p = start + 4
+            p += 1 + buf[p]  # consumer tag
+            (tag,) = _U64.unpack_from(buf, p)
+            p += 9  # delivery tag, redelivered bit
+            p += 1 + buf[p]  # exchange
+            key = bytes(buf[p + 1 : p + 1 + buf[p]]).decode("utf-8", "replace")
+            self._delivery = [tag, key, None, 0, []]
+            return True
+        delivery = self._delivery
+        if delivery is None:
+            return False
+        if ftype == 2:
+            # class-id, weight, then the body size; properties are not needed.
+            (delivery[2],) = _U64.unpack_from(buf, start + 4)
+        elif ftype == 3:
+            chunk = bytes(buf[start:end])
+            delivery[3] += len(chunk)
+            delivery[4].append(chunk)
+        else:
+            return False
+        if delivery[2] is not None and delivery[3] >= delivery[2]:
+            self._delivery = None
+            self._last_tag = delivery[0]
+            body = delivery[4][0] if len(delivery[4]) == 1 else b"".join(delivery[4])
+            self.on_delivery(delivery[1], body)
+        return True
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        if not self.lost.called:
+            self.lost.callback(None)
+
+
+class _Waiter:
+    __slots__ = ("missing", "deferred", "timeout")
+
+    def __init__(self, missing: set[str]):
+        self.missing = missing
+        self.deferred: Deferred[None] = Deferred()
+        self.timeout: IDelayedCall | None = None
+
+
+class Bindings:
+    """Keeps the queue's bindings equal to the groups with local subscribers.
+
+    The hub calls :meth:`group_activated` / :meth:`group_deactivated`; a groups
+    reply waits on :meth:`when_bound`.  Operations for one group never overlap
+    (replies on a channel come in order, but a bind-unbind-bind burst must end
+    bound), and the state is re-applied on each new channel.
+    """
+
+    log = Logger()
+
+    def __init__(self, exchange: str, queue: str, clock: IReactorTime, grace: float, timeout: float):
+        self.exchange, self.queue = exchange, queue
+        self.clock, self.grace, self.timeout = clock, grace, timeout
+        self.wanted: set[str] = set()
+        self.bound: set[str] = set()
+        self._unknown: set[str] = set()  # may still be bound from an earlier connection
+        self._busy: set[str] = set()
+        self._grace_calls: dict[str, IDelayedCall] = {}
+        self._waiters: dict[str, set[_Waiter]] = {}
+        self._channel: Any = None
+        self.on_error: Callable[[], None] = lambda: None
+
+    # -- hub events ------------------------------------------------------------
+
+    def group_activated(self, group: str) -> None:
+        self.wanted.add(group)
+        call = self._grace_calls.pop(group, None)
+        if call is not None:
+            call.cancel()
+        self._reconcile(group)
+
+    def group_deactivated(self, group: str) -> None:
+        self.wanted.discard(group)
+        if self.grace > 0:
+            self._grace_calls[group] = self.clock.callLater(self.grace, self._grace_over, group)
+        else:
+            self._reconcile(group)
+
+    def _grace_over(self, group: str) -> None:
+        del self._grace_calls[group]
+        self._reconcile(group)
+
+    # -- channel lifecycle -----------------------------------------------------
+
+    def attach(self, channel: Any) -> None:
+        """A new channel is ready: bind what is wanted, unbind leftovers."""
+        self._channel = channel
+        self._unknown |= self.bound | self._busy
+        self.bound = set()
+        self._busy = set()
+        for group in self.wanted | set(self._grace_calls) | self._unknown:
+            self._reconcile(group)
+
+    def detach(self) -> None:
+        self._channel = None
+
+    def stop(self) -> None:
+        for call in self._grace_calls.values():
+            call.cancel()
+        self._grace_calls.clear()
+
+    # -- waiting for bindings --------------------------------------------------
+
+    def when_bound(self, groups: Iterable[str]) -> Deferred[None]:
+        missing = {g for g in groups if g not in self.bound}
+        if not missing:
+            return succeed(None)
+        waiter = _Waiter(missing)
+        for group in missing:
+            self._waiters.setdefault(group, set()).add(waiter)
+        waiter.timeout = self.clock.callLater(self.timeout, self._expire, waiter)
+        return waiter.deferred
+
+    def _expire(self, waiter: _Waiter) -> None:
+        for group in waiter.missing:
+            waiters = self._waiters.get(group)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[group]
+        waiter.deferred.errback(BrokerUnavailable())
+
+    def _fire(self, group: str) -> None:
+        for waiter in self._waiters.pop(group, ()):
+            waiter.missing.discard(group)
+            if not waiter.missing:
+                assert waiter.timeout is not None
+                waiter.timeout.cancel()
+                waiter.deferred.callback(None)
+
+    # -- the state machine -----------------------------------------------------
+
+    def _reconcile(self, group: str) -> None:
+        channel = self._channel
+        if channel is None or group in self._busy:
+            return
+        want = group in self.wanted or group in self._grace_calls
+        if want and group not in self.bound:
+            self._run(channel, group, bind=True)
+        elif not want and (group in self.bound or group in self._unknown):
+            self._run(channel, group, bind=False)
+        elif want:
+            self._fire(group)
+
+    def _run(self, channel: Any, group: str, bind: bool) -> None:
+        self._busy.add(group)
+        if bind:
+            d = channel.queue_bind(queue=self.queue, exchange=self.exchange, routing_key=group)
+        else:
+            d = channel.queue_unbind(queue=self.queue, exchange=self.exchange, routing_key=group)
+
+        def done(_: object) -> None:
+            if channel is not self._channel:
+                return  # an answer from a channel that is gone; attach() redoes it
+            self._busy.discard(group)
+            self._unknown.discard(group)
+            (self.bound.add if bind else self.bound.discard)(group)
+            self._reconcile(group)
+
+        def failed(failure: Failure) -> None:
+            if channel is not self._channel:
+                return
+            self._busy.discard(group)
+            self.log.error(
+                "AMQP {op} of group {group} failed: {error}; reconnecting",
+                op="bind" if bind else "unbind",
+                group=group,
+                error=failure.getErrorMessage(),
+            )
+            self.on_error()
+
+        d.addCallbacks(done, failed)
+
+
+class AMQPService(Service):
+    """Owns the broker connection: connect with backoff, set up, consume, repeat."""
+
+    log = Logger()
+
+    def __init__(self, settings: Settings, hub: Hub, reactor: Any):
+        install_codec()
+        silence_txamqp_returnvalue_warning()
+        self.settings = settings
+        self.address = settings.amqp_url
+        self.hub = hub
+        self.reactor = reactor
+        self.queue = f"towerws.{settings.node_id}"
+        self.bindings = Bindings(
+            settings.exchange, self.queue, reactor, grace=settings.unbind_grace, timeout=settings.bind_timeout
+        )
+        self.bindings.on_error = self._drop
+        self.client: BrokerProtocol | None = None
+        self._ready_waiters: list[Deferred[None]] = []
+        self.consumed = 0
+        self.dropped = 0
+        self._bad_body_log = RateLimitedLog(self.log, reactor)
+        factory = Factory.forProtocol(self._build_protocol)
+        self._service = ClientService(
+            self._endpoint(),
+            factory,
+            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=settings.reconnect_max_delay),
+            clock=reactor,
+            prepareConnection=self._prepare,
+        )
+
+    # The websocket side asks the bus; the bus is these bindings.
+    def when_bound(self, groups: Iterable[str]) -> Deferred[None]:
+        return self.bindings.when_bound(groups)
+
+    def when_ready(self) -> Deferred[None]:
+        """Fires once the node is consuming (at once if it is)."""
+        if self.client is not None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._ready_waiters.append(d)
+        return d
+
+    def _endpoint(self) -> Any:
+        return endpoints.HostnameEndpoint(self.reactor, self.address.host, self.address.port, timeout=10)
+
+    def _build_protocol(self) -> BrokerProtocol:
+        return BrokerProtocol(self._deliver, self.address.vhost, self.settings.amqp_heartbeat, self.reactor)
+
+    async def _prepare(self, proxy: Any) -> None:
+        client: BrokerProtocol = proxy._protocol
+        s = self.settings
+        try:
+            await client.start(f"\0{self.address.username}\0{self.address.password}", mechanism="PLAIN")
+            channel = await client.channel(CHANNEL)
+            await channel.channel_open()
+            await channel.exchange_declare(exchange=s.exchange, type="topic", durable=True)
+            await channel.queue_declare(
+                queue=self.queue,
+                durable=False,
+                exclusive=False,
+                auto_delete=False,
+                arguments={
+                    "x-expires": int(s.queue_expires * 1000),
+                    "x-max-length": s.queue_max_length,
+                    "x-overflow": "drop-head",
+                },
+            )
+            await channel.basic_qos(prefetch_count=s.prefetch)
+            client.consuming = True
+            await channel.basic_consume(queue=self.queue, consumer_tag=self.queue, no_ack=False)
+        except Exception as exc:
+            self.log.warn(
+                "AMQP setup on {broker} failed: {error}", broker=str(self.address), error=_describe(exc)
+            )
+            client.transport.abortConnection()
+            raise
+        self.client = client
+        self.bindings.attach(channel)
+        client.lost.addCallback(self._lost, client)
+        self.log.info("consuming {queue} on {broker}", queue=self.queue, broker=str(self.address))
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _lost(self, _: None, client: BrokerProtocol) -> None:
+        if self.client is client:
+            self.client = None
+            self.bindings.detach()
+            if self.running:
+                self.log.warn("lost the connection to {broker}; reconnecting", broker=str(self.address))
+
+    def _drop(self) -> None:
+        if self.client is not None:
+            self.client.transport.abortConnection()
+
+    def _deliver(self, group: str, body: bytes) -> None:
+        self.consumed += 1
+        try:
+            self.hub.publish(group, body)
+        except InvalidBody as exc:
+            self.dropped += 1
+            self._bad_body_log.warn("dropped a message for {group}: {reason}", group=group, reason=str(exc))
+
+    @property
+    def ready(self) -> bool:
+        return self.client is not None
+
+    def startService(self) -> None:
+        super().startService()
+        self._service.startService()
+
+    async def _stop(self) -> None:
+        self.bindings.stop()
+        client = self.client
+        if client is not None:
+            # A clean connection.close lets the broker requeue unacknowledged messages at once.
+            try:
+                await client.close(within=2)
+            except Exception as exc:
+                self.log.warn("closing the AMQP connection: {error}", error=_describe(exc))
+        await self._service.stopService()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an AMQP error: txAMQP wraps broker replies in Message objects."""
+    reason = exc.args[0] if exc.args else exc
+    args = getattr(reason, "args", None)
+    if hasattr(reason, "method") and args:
+        # connection.close / channel.close carry (reply-code, reply-text, ...)
+        return f"{args[0]} {args[1]}"
+    return str(reason) or type(exc).__name__

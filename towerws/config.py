@@ -1,0 +1,274 @@
+"""Settings: every option of towerws, where it comes from, and its validation.
+
+Each option is one field of :class:`Settings`; the field's metadata carries the
+parser and the help line, so the command line, the environment, the config file,
+``etc/towerws.conf`` and the README table all derive from this one list.
+
+Precedence: command line > ``TOWERWS_<KEY>`` environment > config file
+(INI, section ``[towerws]``) > default.  :func:`load` validates everything once
+and returns an immutable :class:`Settings`; a bad value raises
+:class:`ConfigError` whose message names the option (or file) and the problem.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+import secrets
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from towerws.auth import TokenFile
+from towerws.subscribe import Allowlist
+
+ENV_PREFIX = "TOWERWS_"
+SECTION = "towerws"
+
+
+class ConfigError(ValueError):
+    """An option or file is invalid; the message is one line for the operator."""
+
+
+# -- value parsers: str -> value, raising ValueError with a short reason --------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a non-negative number of seconds")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _strports(text: str) -> str:
+    from twisted.internet import endpoints, reactor
+
+    # Parsing builds the endpoint object without listening: syntax errors and
+    # unknown endpoint types surface here, not later at start-up.
+    endpoints.serverFromString(reactor, text)
+    return text
+
+
+def _name(text: str) -> str:
+    if not text or len(text) > 200 or any(c.isspace() for c in text):
+        raise ValueError("must be a non-empty name without spaces")
+    return text
+
+
+@dataclass(frozen=True)
+class AMQPAddress:
+    """A parsed ``amqp://`` / ``amqps://`` URL.  ``str()`` never shows the password."""
+
+    url: str = field(repr=False)  # keeps the password: never shown
+    tls: bool
+    host: str
+    port: int
+    username: str
+    password: str = field(repr=False)
+    vhost: str
+
+    def __str__(self) -> str:
+        scheme = "amqps" if self.tls else "amqp"
+        return f"{scheme}://{self.username}@{self.host}:{self.port}/{self.vhost}"
+
+
+def amqp_address(text: str) -> AMQPAddress:
+    parts = urlsplit(text)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ValueError("must be an amqp:// or amqps:// URL")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError("has an invalid port") from exc
+    if not parts.hostname:
+        raise ValueError("has no host")
+    tls = parts.scheme == "amqps"
+    # An empty path means the default vhost "/", as in other AMQP clients.
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    return AMQPAddress(
+        url=text,
+        tls=tls,
+        host=parts.hostname,
+        port=port or (5671 if tls else 5672),
+        username=unquote(parts.username or "guest"),
+        password=unquote(parts.password or "guest"),
+        vhost=vhost,
+    )
+
+
+def default_node_id() -> str:
+    # Hostname alone is not unique when two nodes share a host (or a pod name is
+    # reused); the suffix keeps queue names apart.
+    return f"{socket.gethostname()}-{secrets.token_hex(3)}"
+
+
+def option(default: Any, parse: Callable[[str], Any], help: str, shown: str | None = None) -> Any:
+    """A settings field: its default, how to parse a string, one line of help."""
+    return field(default=default, metadata={"parse": parse, "help": help, "shown": shown})
+
+
+DEFAULT_GROUPS = (
+    "jobs:status_changed,summary schedules:changed inventories:status_changed "
+    "control:limit_reached_<user> job_events:<id> ad_hoc_command_events:<id> "
+    "workflow_events:<id> project_update_events:<id> inventory_update_events:<id> "
+    "system_job_events:<id>"
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = option("tcp:8051", _strports, "where websocket clients connect (Twisted strports description)")
+    amqp_url: AMQPAddress = option(
+        amqp_address("amqp://guest:guest@localhost:5672/%2F"),
+        amqp_address,
+        "RabbitMQ URL, amqp:// or amqps:// (vhost URL-encoded)",
+        shown="amqp://guest:guest@localhost:5672/%2F",
+    )
+    exchange: str = option("towerws", _name, "topic exchange publishers send to (declared durable at start)")
+    tokens_file: TokenFile | None = option(
+        None, TokenFile.load, "JSON file of static development tokens: {\"token\": {\"id\": 7, ...}}"
+    )
+    node_id: str = option(None, _name, "this node's id; its queue is towerws.<node-id>", shown="hostname-<random>")
+    groups: Allowlist = option(
+        Allowlist.parse(DEFAULT_GROUPS),
+        Allowlist.parse,
+        "subscribable groups: KEY:ITEM,... entries; <id> = any positive id, <user> = own user id",
+        shown=DEFAULT_GROUPS,
+    )
+    max_message_size: int = option(65536, _positive_int, "largest client message in bytes (larger: close 1009)")
+    ping_interval: float = option(30.0, _non_negative_float, "seconds between server pings to each client (0: off)")
+    ping_timeout: float = option(10.0, _positive_float, "seconds a client has to answer a ping before it is dropped")
+    open_handshake_timeout: float = option(10.0, _positive_float, "seconds a client has to complete the opening handshake")
+    amqp_heartbeat: int = option(30, _positive_int, "AMQP heartbeat interval in seconds")
+    prefetch: int = option(1000, _positive_int, "AMQP prefetch window (unacknowledged deliveries in flight)")
+    queue_expires: float = option(300.0, _positive_float, "seconds this node's queue outlives its connection (x-expires)")
+    queue_max_length: int = option(100000, _positive_int, "messages kept for this node while disconnected (x-max-length, drop-head)")
+    unbind_grace: float = option(5.0, _non_negative_float, "seconds a group stays bound after its last local subscriber left")
+    bind_timeout: float = option(10.0, _positive_float, "seconds a groups reply waits for its AMQP bindings")
+    reconnect_max_delay: float = option(30.0, _positive_float, "cap of the exponential backoff between broker connection attempts")
+
+    # -- Tower API authentication and limits --
+
+    # -- broker: TLS and faults --
+
+    # -- operations: metrics, logs, shutdown --
+
+    # -- publishing --
+
+    # -- flow control --
+
+
+OPTIONS: tuple[dataclasses.Field, ...] = tuple(dataclasses.fields(Settings))
+
+
+def cli_name(key: str) -> str:
+    return key.replace("_", "-")
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def _parse(key: str, text: str, origin: str) -> Any:
+    fld = next(f for f in OPTIONS if f.name == key)
+    try:
+        return fld.metadata["parse"](text)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"--{cli_name(key)} ({origin}): {exc}") from None
+
+
+def read_config_file(path: str) -> dict[str, str]:
+    """The ``[towerws]`` section of an INI file, keys checked against the known options."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as fp:
+            parser.read_file(fp)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    except configparser.Error as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path}: invalid INI: {first}") from None
+    if not parser.has_section(SECTION):
+        raise ConfigError(f"config file {path}: no [{SECTION}] section")
+    known = {f.name for f in OPTIONS}
+    values = dict(parser.items(SECTION))
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"config file {path}: unknown option {key!r}")
+    return values
+
+
+def load(
+    cli: Mapping[str, str | None] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Settings:
+    """Merge the sources by precedence and validate once.
+
+    ``cli`` maps option keys (``amqp_url``) to the raw strings given on the
+    command line (``None`` = not given).  ``config_file`` falls back to
+    ``TOWERWS_CONFIG`` in ``environ``.
+    """
+    cli = cli or {}
+    environ = os.environ if environ is None else environ
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG") or None
+    from_file = read_config_file(config_file) if config_file else {}
+
+    values: dict[str, Any] = {}
+    for fld in OPTIONS:
+        key = fld.name
+        if cli.get(key) is not None:
+            values[key] = _parse(key, cli[key], "command line")
+        elif env_name(key) in environ:
+            values[key] = _parse(key, environ[env_name(key)], f"environment {env_name(key)}")
+        elif key in from_file:
+            values[key] = _parse(key, from_file[key], f"config file {config_file}")
+    settings = Settings(**values)
+    if settings.node_id is None:
+        settings = dataclasses.replace(settings, node_id=default_node_id())
+    return settings
+
+
+def shown_default(fld: dataclasses.Field) -> str:
+    """The default as an operator would write it."""
+    if fld.metadata.get("shown") is not None:
+        return fld.metadata["shown"]
+    return "(none)" if fld.default is None else str(fld.default)
+
+
+def options_table() -> str:
+    """The README's option table (a test keeps README equal to this)."""
+    rows = [
+        "| option | config key | environment | default | meaning |",
+        "|---|---|---|---|---|",
+        "| `--config` | | `TOWERWS_CONFIG` | | INI config file |",
+    ]
+    for fld in OPTIONS:
+        default = shown_default(fld).replace("|", "\\|")
+        rows.append(
+            f"| `--{cli_name(fld.name)}` | `{fld.name}` | `{env_name(fld.name)}` | `{default}` | {fld.metadata['help']} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(options_table() + "\n")

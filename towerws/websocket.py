@@ -1,0 +1,207 @@
+"""The websocket side: one :class:`TowerProtocol` per browser, made by :class:`TowerFactory`.
+
+Wire protocol (compatible with the AWX UI): the handshake is authenticated
+(``?token=``, ``Authorization``, cookies), the first message says
+``{"accept": true, "user": ID}`` or refuses with close 4401; each text message
+``{"groups": {...}}`` replaces the connection's subscriptions and is answered,
+once the new groups can receive, with ``groups_current/joined/left``.
+
+Deliveries arrive from the hub already framed (:func:`text_frame`) and are
+written straight to the transport: one framing per message, one write per
+subscriber, and none of Autobahn's per-send bookkeeping on the hot path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import struct
+from typing import Any, Protocol
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from towerws.auth import Authenticator, AuthUnavailable, Credentials, User
+from towerws.config import Settings
+from towerws.hub import Hub
+from towerws.subscribe import AccessDenied, InvalidMessage, denied_errors, parse_groups_message
+
+PATHS = ("/websocket", "/websocket/")
+
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_UNAUTHORIZED = 4401
+
+_OPEN = WebSocketProtocol.STATE_OPEN
+
+
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked, final websocket text frame (server -> client) carrying ``payload``."""
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x81, n)
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, n)
+    return header + payload
+
+
+class BrokerUnavailable(Exception):
+    """The broker could not confirm a binding in time; the subscription is kept."""
+
+
+class Bus(Protocol):
+    """What the websocket side needs from the message bus (AMQP or in-process)."""
+
+    def when_bound(self, groups: list[str]) -> Deferred[None]:
+        """Fires once every group can receive; fails with :class:`BrokerUnavailable`."""
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(", ", ": ")).encode("utf-8")
+
+
+# Module-level: ``self.log`` on the protocol is Autobahn's (txaio) logger, which
+# it calls at debug level on every frame; ours must not replace it.
+log = Logger(namespace="towerws.websocket")
+
+
+class TowerProtocol(WebSocketServerProtocol):
+    factory: "TowerFactory"
+
+    user: User | None = None
+    credentials: Credentials | None = None
+    _refusal: tuple[int, str] | None = None
+    _closed = False
+
+    # -- handshake -------------------------------------------------------------
+
+    def onConnect(self, request: ConnectionRequest) -> Deferred[None]:
+        if request.path not in PATHS:
+            raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "not found")
+        self.conn_id = next(self.factory.ids)
+        self.credentials = Credentials.from_request(request.headers, request.params)
+        d = maybeDeferred(self.factory.authenticator.authenticate, self.credentials)
+        d.addCallbacks(self._authenticated, self._auth_failed)
+        return d
+
+    def _authenticated(self, user: User | None) -> None:
+        if user is None:
+            self._refusal = (CLOSE_UNAUTHORIZED, "authentication failed")
+        else:
+            self.user = user
+
+    def _auth_failed(self, failure: Failure) -> None:
+        if not failure.check(AuthUnavailable):
+            log.failure("authenticator failed", failure, conn=self.conn_id)
+        self._refusal = (CLOSE_TRY_AGAIN_LATER, "authentication service unavailable")
+
+    def onOpen(self) -> None:
+        if self.user is None:
+            code, reason = self._refusal or (CLOSE_UNAUTHORIZED, "authentication failed")
+            log.info(
+                "refused websocket {conn} from {peer}: {reason}", conn=self.conn_id, peer=self.peer, reason=reason
+            )
+            self.sendMessage(_json({"accept": False, "user": None, "close": True, "error": reason}))
+            self.sendClose(code, reason)
+            return
+        self.factory.connections.add(self)
+        self._pending: Deferred[None] = succeed(None)
+        log.info(
+            "websocket {conn} open for user {user} from {peer}", conn=self.conn_id, user=self.user.id, peer=self.peer
+        )
+        self.sendMessage(_json({"accept": True, "user": self.user.id}))
+
+    # -- fan-out ---------------------------------------------------------------
+
+    def deliver(self, frame: bytes) -> None:
+        if self.state == _OPEN:
+            self.transport.write(frame)
+
+    def send_json(self, obj: Any) -> None:
+        if self.state == _OPEN:
+            self.sendMessage(_json(obj))
+
+    # -- client messages -------------------------------------------------------
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            # sendClose() only takes 1000/3000-4999; 1003 needs the close-frame call.
+            self.sendCloseFrame(code=CLOSE_UNSUPPORTED_DATA, reasonUtf8=b"binary messages are not supported")
+            return
+        if self.user is None:
+            return  # a refused connection is closing; nothing it says counts
+        # Messages are handled strictly in order: a reply (and its bindings)
+        # completes before the next groups message is looked at.
+        self._pending.addCallback(lambda _: ensureDeferred(self._handle(payload)))
+        self._pending.addErrback(self._handler_failed)
+
+    def _handler_failed(self, failure: Failure) -> None:
+        log.failure("groups message of websocket {conn} failed", failure, conn=self.conn_id)
+        self.send_json({"error": "internal error"})
+
+    async def _handle(self, payload: bytes) -> None:
+        assert self.user is not None
+        try:
+            request = parse_groups_message(payload.decode("utf-8"), self.factory.settings.groups, self.user.id)
+        except (InvalidMessage, AccessDenied) as exc:
+            self.send_json({"error": str(exc)})
+            return
+        if self._closed:
+            return
+        change = self.factory.hub.set_groups(self, request.groups)
+        for error in denied_errors(request.denied):
+            self.send_json(error)
+        try:
+            await self.factory.bus.when_bound(change.joined)
+        except BrokerUnavailable:
+            self.send_json({"error": "broker unavailable"})
+        self.send_json({"groups_current": change.current, "groups_left": change.left, "groups_joined": change.joined})
+
+    # -- teardown --------------------------------------------------------------
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.user is not None:
+            self.factory.connections.discard(self)
+            self.factory.hub.remove(self)
+            log.info(
+                "websocket {conn} closed for user {user} from {peer}: code {code}",
+                conn=self.conn_id,
+                user=self.user.id,
+                peer=self.peer,
+                code=code,
+            )
+
+    def __repr__(self) -> str:
+        return f"<TowerProtocol {getattr(self, 'conn_id', '?')} {self.peer}>"
+
+
+class TowerFactory(WebSocketServerFactory):
+    protocol = TowerProtocol
+
+    def __init__(self, settings: Settings, hub: Hub, bus: Bus, authenticator: Authenticator):
+        super().__init__()
+        self.settings = settings
+        self.hub = hub
+        self.bus = bus
+        self.authenticator = authenticator
+        self.connections: set[TowerProtocol] = set()
+        self.ids = itertools.count(1)
+        self.setProtocolOptions(
+            # Protocol violations get the standard close code on the wire (1003,
+            # 1007, 1009) instead of a bare TCP drop the client sees as 1006.
+            failByDrop=False,
+            maxMessagePayloadSize=settings.max_message_size,
+            maxFramePayloadSize=settings.max_message_size,
+            autoPingInterval=settings.ping_interval,
+            autoPingTimeout=settings.ping_timeout,
+            openHandshakeTimeout=settings.open_handshake_timeout,
+        )

@@ -1,0 +1,56 @@
+"""``twistd towerws``: the IServiceMaker drop-in.  It only parses options and wires."""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import IPlugin
+from twisted.python import usage
+from zope.interface import implementer
+
+from towerws import config
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Live-update websocket server for Ansible Tower / AWX. Each option can also be set "
+        "in the config file (section [towerws], key = option with - as _) or as TOWERWS_<KEY>; "
+        "precedence: command line > environment > config file > default."
+    )
+    optParameters = [["config", "c", None, "INI config file (also TOWERWS_CONFIG)"]] + [
+        [config.cli_name(f.name), None, None, f"{f.metadata['help']} [default: {config.shown_default(f)}]"]
+        for f in config.OPTIONS
+    ]
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # twistd answers a usage error with the whole usage text; an operator
+        # needs the one line that names the option and the problem.
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as exc:
+            sys.stderr.write(f"twistd towerws: {exc}\n")
+            raise SystemExit(2) from None
+
+    def postOptions(self) -> None:
+        cli = {f.name: self[config.cli_name(f.name)] for f in config.OPTIONS}
+        try:
+            self.settings = config.load(cli, config_file=self["config"])
+        except config.ConfigError as exc:
+            raise usage.UsageError(str(exc)) from None
+
+
+@implementer(IServiceMaker, IPlugin)
+class TowerServiceMaker:
+    tapname = "towerws"
+    description = "Live-update websocket server for Ansible Tower / AWX, fed by RabbitMQ."
+    options = Options
+
+    def makeService(self, options: Options):
+        from towerws.app import make_service
+
+        return make_service(options.settings)
+
+
+serviceMaker = TowerServiceMaker()
