@@ -317,3 +317,16 @@ async def test_queue_bound_only_to_groups_with_subscribers(server: Server) -> No
         await asyncio.sleep(0.05)
     assert await loop.run_in_executor(None, _bindings, queue) == {queue}  # only the default binding
     await a.close()
+
+
+@aio_test
+async def test_amqp_heartbeat_is_negotiated(server_factory) -> None:
+    server = await server_factory(amqp_heartbeat=7)
+    port = server.service.bus.client.transport.getHost().port
+
+    def heartbeat_of_our_connection() -> str:
+        out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "peer_port", "timeout"],
+                             check=True, capture_output=True, text=True, timeout=60).stdout
+        return dict(line.split("\t") for line in out.splitlines() if "\t" in line)[str(port)]
+
+    assert await asyncio.get_running_loop().run_in_executor(None, heartbeat_of_our_connection) == "7"
