@@ -18,8 +18,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,13 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on (just now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # -- running asyncio code in tests ---------------------------------------------
@@ -141,6 +149,85 @@ class Publisher:
 
         self._executor.submit(_close).result(TIMEOUT)
         self._executor.shutdown()
+
+
+# -- a queue of the test's own, read with pika -------------------------------------------
+
+
+def _params() -> pika.URLParameters:
+    params = pika.URLParameters(AMQP_URL)
+    params.socket_timeout = params.stack_timeout = params.blocked_connection_timeout = TIMEOUT
+    return params
+
+
+@dataclass
+class Message:
+    routing_key: str
+    properties: pika.BasicProperties
+    body: bytes
+
+
+class Bound:
+    """A topic exchange of the test's own (or ``exchange``) and an exclusive queue bound to it with ``#``."""
+
+    def __init__(self, exchange: str | None = None) -> None:
+        self.owned = exchange is None
+        self.exchange = exchange or unique("towerws-emit-test")
+        self.conn = pika.BlockingConnection(_params())
+        self.channel = self.conn.channel()
+        self.channel.exchange_declare(self.exchange, "topic", durable=True)
+        self.channel.basic_qos(prefetch_count=1)  # keeps requeued leftovers in order
+        self.queue = self.channel.queue_declare("", exclusive=True).method.queue
+        self.channel.queue_bind(self.queue, self.exchange, "#")
+
+    def get(self, count: int, timeout: float = TIMEOUT) -> list[Message]:
+        """Exactly ``count`` messages, waiting at most ``timeout`` seconds for them."""
+        messages: list[Message] = []
+        deadline = time.monotonic() + timeout
+        while len(messages) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            # Manual acks: cancel() requeues what pika prefetched but we did not take
+            # (with auto_ack it would be lost to the next get()).
+            for method, props, body in self.channel.consume(self.queue, inactivity_timeout=remaining):
+                if method is None:  # inactivity timeout: the deadline passed
+                    break
+                self.channel.basic_ack(method.delivery_tag)
+                messages.append(Message(method.routing_key, props, body))
+                if len(messages) == count or time.monotonic() >= deadline:
+                    break
+            self.channel.cancel()
+        assert len(messages) == count, f"expected {count} messages, got {len(messages)}: {messages[:5]}"
+        return messages
+
+    def get_now(self) -> Message | None:
+        """The next queued message, without waiting."""
+        method, props, body = self.channel.basic_get(self.queue, auto_ack=True)
+        return None if method is None else Message(method.routing_key, props, body)
+
+    def assert_empty(self) -> None:
+        """Nothing more is queued (valid right after confirmed publishes: they are already queued)."""
+        method, _, body = self.channel.basic_get(self.queue, auto_ack=True)
+        assert method is None, f"unexpected message {body!r}"
+
+    def close(self) -> None:
+        if not self.owned:
+            if self.conn.is_open:
+                self.conn.close()
+        elif self.conn.is_open:
+            self.channel.exchange_delete(self.exchange)
+            self.conn.close()
+        else:  # the test broke the connection: clean up on a fresh one
+            with pika.BlockingConnection(_params()) as conn:
+                conn.channel().exchange_delete(self.exchange)
+
+
+@pytest.fixture
+def bound() -> Iterator[Bound]:
+    b = Bound()
+    yield b
+    b.close()
 
 
 @pytest.fixture
@@ -258,19 +345,30 @@ def delete_queue(name: str) -> None:
         conn.channel().queue_delete(name)
 
 
-async def start_server(options: dict[str, str]) -> Server:
-    """Build the service through the twistd plugin's makeService and start it."""
+async def start_server(options: dict[str, str], ready: bool = True) -> Server:
+    """Build the service through the twistd plugin's makeService and start it.
+
+    A switch (``console``) is on when given as ``"true"``; ``ready=False`` does not wait for the broker.
+    """
     from twisted.plugins.towerws_plugin import serviceMaker
 
+    from towerws.config import OPTIONS
+
+    switches = {f.name for f in OPTIONS if f.metadata.get("flag")}
     opts = serviceMaker.options()
     args = []
     for key, value in options.items():
-        args += [f"--{key.replace('_', '-')}", value]
+        name = f"--{key.replace('_', '-')}"
+        if key in switches:
+            args += [name] if value == "true" else []
+        else:
+            args += [name, value]
     opts.parseOptions(args)
     service = serviceMaker.makeService(opts)
     service.startService()
     port = await wait(service.listening())
-    await wait(service.bus.when_ready())
+    if ready:
+        await wait(service.bus.when_ready())
     return Server(service, port.getHost().port)
 
 
@@ -283,15 +381,16 @@ def server_factory(exchange: str, tokens_file: str) -> Any:
     """Start in-process servers with extra options; all are stopped and their queues deleted."""
     started: list[Server] = []
 
-    async def make(**extra: Any) -> Server:
-        server = await start_server(server_options(exchange, tokens_file, **extra))
+    async def make(ready: bool = True, **extra: Any) -> Server:
+        server = await start_server(server_options(exchange, tokens_file, **extra), ready=ready)
         started.append(server)
         return server
 
     yield make
     for server in started:
         pytest_twisted.blockon(aio(stop_server(server)))
-        delete_queue(server.service.bus.queue)
+        if server.service.settings.amqp_url is not None:
+            delete_queue(server.service.bus.queue)
 
 
 @pytest.fixture

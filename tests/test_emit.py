@@ -21,84 +21,15 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import pika
 import pytest
 
-from conftest import AMQP_URL, ROOT, VENV_BIN, unique
+from conftest import AMQP_URL, ROOT, VENV_BIN, Bound, unique
 from towerws import emit
 from towerws.emit import EmitError, Emitter, configure, emit_channel_notification
 
 TIMEOUT = 10.0
 UNREACHABLE = "amqp://guest:secretpw@127.0.0.1:1/%2F"
-
-
-def _params() -> pika.URLParameters:
-    params = pika.URLParameters(AMQP_URL)
-    params.socket_timeout = params.stack_timeout = params.blocked_connection_timeout = TIMEOUT
-    return params
-
-
-@dataclass
-class Message:
-    routing_key: str
-    properties: pika.BasicProperties
-    body: bytes
-
-
-class Bound:
-    """A topic exchange of the test's own and an exclusive queue bound to it with ``#``."""
-
-    def __init__(self) -> None:
-        self.exchange = unique("towerws-emit-test")
-        self.conn = pika.BlockingConnection(_params())
-        self.channel = self.conn.channel()
-        self.channel.exchange_declare(self.exchange, "topic", durable=True)
-        self.channel.basic_qos(prefetch_count=1)  # keeps requeued leftovers in order
-        self.queue = self.channel.queue_declare("", exclusive=True).method.queue
-        self.channel.queue_bind(self.queue, self.exchange, "#")
-
-    def get(self, count: int, timeout: float = TIMEOUT) -> list[Message]:
-        """Exactly ``count`` messages, waiting at most ``timeout`` seconds for them."""
-        messages: list[Message] = []
-        deadline = time.monotonic() + timeout
-        while len(messages) < count:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            # Manual acks: cancel() requeues what pika prefetched but we did not take
-            # (with auto_ack it would be lost to the next get()).
-            for method, props, body in self.channel.consume(self.queue, inactivity_timeout=remaining):
-                if method is None:  # inactivity timeout: the deadline passed
-                    break
-                self.channel.basic_ack(method.delivery_tag)
-                messages.append(Message(method.routing_key, props, body))
-                if len(messages) == count or time.monotonic() >= deadline:
-                    break
-            self.channel.cancel()
-        assert len(messages) == count, f"expected {count} messages, got {len(messages)}: {messages[:5]}"
-        return messages
-
-    def assert_empty(self) -> None:
-        """Nothing more is queued (valid right after confirmed publishes: they are already queued)."""
-        method, _, body = self.channel.basic_get(self.queue, auto_ack=True)
-        assert method is None, f"unexpected message {body!r}"
-
-    def close(self) -> None:
-        if self.conn.is_open:
-            self.channel.exchange_delete(self.exchange)
-            self.conn.close()
-        else:  # the test broke the connection: clean up on a fresh one
-            with pika.BlockingConnection(_params()) as conn:
-                conn.channel().exchange_delete(self.exchange)
-
-
-@pytest.fixture
-def bound() -> Iterator[Bound]:
-    b = Bound()
-    yield b
-    b.close()
 
 
 @pytest.fixture

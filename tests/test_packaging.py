@@ -37,3 +37,8 @@ def test_twistd_lists_plugin_in_fresh_venv(tmp_path: Path, editable: bool) -> No
     result = subprocess.run([python, "-c", "from towerws.amqpspec import load_spec; print(len(load_spec().classes))"],
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0 and int(result.stdout) >= 6, result.stderr
+    # So are the console's page, script and style sheet.
+    result = subprocess.run([python, "-c", "from towerws.console import Console; "
+                             "print(sorted(len(f.content) > 100 for f in Console().files.values()))"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "[True, True, True]", result.stderr

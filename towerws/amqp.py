@@ -8,7 +8,8 @@
   unbinds it a grace period after the group's last subscriber left; one operation
   in flight per group, re-applied on every new connection.
 * :class:`AMQPService` -- ``ClientService`` with exponential backoff: connect,
-  declare exchange and queue, re-bind, consume; forever.
+  declare exchange and queue, re-bind, consume; forever.  It is also the node's
+  bus: a second channel in confirm mode publishes for the HTTP publish API.
 
 Queue ``towerws.<node-id>`` is neither exclusive nor auto-delete: it outlives a
 dropped connection (``x-expires``) so messages routed while the connection was
@@ -24,20 +25,21 @@ from typing import Any
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from txamqp.client import TwistedDelegate
 from txamqp.protocol import AMQClient
 
 from towerws.amqpspec import install_codec, load_spec, silence_txamqp_returnvalue_warning
-from towerws.config import Settings
+from towerws.config import AMQPAddress, Settings
+from towerws.confirms import ConfirmDelegate, Confirms, PublishError
 from towerws.hub import Hub, InvalidBody
 from towerws.websocket import BrokerUnavailable
 
 CHANNEL = 1
+PUBLISH_CHANNEL = 2
 FRAME_END = 0xCE
 _HEADER = struct.Struct("!BHI")
 _U64 = struct.Struct("!Q")
@@ -47,6 +49,11 @@ _DELIVER = b"\x00\x3c\x00\x3c"  # class 60 (basic), method 60 (deliver)
 def ack_frame(channel: int, delivery_tag: int) -> bytes:
     """``basic.ack`` with ``multiple=true``: everything up to ``delivery_tag``."""
     return _HEADER.pack(1, channel, 13) + struct.pack("!HHQB", 60, 80, delivery_tag, 1) + b"\xce"
+
+
+def broker_endpoint(reactor: Any, address: AMQPAddress) -> IStreamClientEndpoint:
+    """Where to connect for ``address`` (shared by the consumer and :mod:`towerws.publish`)."""
+    return endpoints.HostnameEndpoint(reactor, address.host, address.port, timeout=10)
 
 
 class RateLimitedLog:
@@ -75,7 +82,7 @@ class BrokerProtocol(AMQClient):
     consuming = False
 
     def __init__(self, on_delivery: Callable[[str, bytes], None], vhost: str, heartbeat: int, clock: IReactorTime):
-        super().__init__(TwistedDelegate(), vhost, load_spec(), heartbeat=heartbeat, clock=clock)
+        super().__init__(ConfirmDelegate(), vhost, load_spec(), heartbeat=heartbeat, clock=clock)
         self.on_delivery = on_delivery
         self.lost: Deferred[None] = Deferred()
         self._buffer = bytearray()
@@ -311,6 +318,7 @@ class AMQPService(Service):
         )
         self.bindings.on_error = self._drop
         self.client: BrokerProtocol | None = None
+        self.confirms: Confirms | None = None
         self._ready_waiters: list[Deferred[None]] = []
         self.consumed = 0
         self.dropped = 0
@@ -336,8 +344,25 @@ class AMQPService(Service):
         self._ready_waiters.append(d)
         return d
 
+    def publish(self, group: str, body: bytes) -> Deferred[None]:
+        """Publish to the exchange on this node's connection; fires once the broker confirms.
+
+        Fails at once with :class:`PublishError` while the broker is not connected.
+        """
+        confirms = self.confirms
+        if confirms is None:
+            return fail(PublishError(f"not connected to the AMQP broker {self.address}"))
+        if confirms.error is not None:
+            self._drop()  # the publishing channel died: a new connection brings a new one
+        return confirms.publish(group, body)
+
+    @property
+    def state(self) -> str:
+        """``consuming`` or ``connecting`` (for readiness reports)."""
+        return "consuming" if self.client is not None else "connecting"
+
     def _endpoint(self) -> Any:
-        return endpoints.HostnameEndpoint(self.reactor, self.address.host, self.address.port, timeout=10)
+        return broker_endpoint(self.reactor, self.address)
 
     def _build_protocol(self) -> BrokerProtocol:
         return BrokerProtocol(self._deliver, self.address.vhost, self.settings.amqp_heartbeat, self.reactor)
@@ -362,6 +387,7 @@ class AMQPService(Service):
                 },
             )
             await channel.basic_qos(prefetch_count=s.prefetch)
+            confirms = await Confirms.open(client, PUBLISH_CHANNEL, s.exchange, self.reactor, s.publish_timeout)
             client.consuming = True
             await channel.basic_consume(queue=self.queue, consumer_tag=self.queue, no_ack=False)
         except Exception as exc:
@@ -371,6 +397,7 @@ class AMQPService(Service):
             client.transport.abortConnection()
             raise
         self.client = client
+        self.confirms = confirms
         self.bindings.attach(channel)
         client.lost.addCallback(self._lost, client)
         self.log.info("consuming {queue} on {broker}", queue=self.queue, broker=str(self.address))
@@ -381,6 +408,7 @@ class AMQPService(Service):
     def _lost(self, _: None, client: BrokerProtocol) -> None:
         if self.client is client:
             self.client = None
+            self.confirms = None
             self.bindings.detach()
             if self.running:
                 self.log.warn("lost the connection to {broker}; reconnecting", broker=str(self.address))

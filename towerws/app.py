@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from towerws import __version__
 from towerws.amqp import AMQPService
 from towerws.auth import Authenticator, DenyAll, StaticTokenAuthenticator
+from towerws.bus import LocalBus, NodeBus
 from towerws.config import Settings
 from towerws.hub import Hub
 from towerws.web import make_site
@@ -21,7 +22,7 @@ from towerws.websocket import TowerFactory, text_frame
 
 
 class TowerService(MultiService):
-    """The whole node: websocket listener + broker connection around one hub."""
+    """The whole node: websocket listener + bus (broker connection or in-process) around one hub."""
 
     log = Logger()
 
@@ -35,8 +36,12 @@ class TowerService(MultiService):
         txaio.use_twisted()
         txaio.set_global_log_level("info")
         self.hub = Hub(frame=text_frame)
-        self.bus = AMQPService(settings, self.hub, reactor)
-        self.hub.listener = self.bus.bindings
+        self.bus: NodeBus
+        if settings.amqp_url is None:
+            self.bus = LocalBus(self.hub)  # broker-less: one node, nothing to bind
+        else:
+            self.bus = AMQPService(settings, self.hub, reactor)
+            self.hub.listener = self.bus.bindings
         self.factory = TowerFactory(settings, self.hub, self.bus, make_authenticator(settings))
         self.site = make_site(self.factory)
         self.listener = strports.service(settings.listen, self.site)
@@ -49,7 +54,7 @@ class TowerService(MultiService):
             version=__version__,
             node=self.settings.node_id,
             listen=self.settings.listen,
-            broker=str(self.settings.amqp_url),
+            broker=str(self.settings.amqp_url or "none (single node, in-process bus)"),
             exchange=self.settings.exchange,
         )
         super().startService()

@@ -26,6 +26,7 @@ from towerws.auth import TokenFile
 from towerws.subscribe import Allowlist
 
 ENV_PREFIX = "TOWERWS_"
+MIN_SECRET_LENGTH = 16
 SECTION = "towerws"
 
 
@@ -113,6 +114,49 @@ def amqp_address(text: str) -> AMQPAddress:
     )
 
 
+def amqp_url_or_none(text: str) -> AMQPAddress | None:
+    """``amqp_url``: a broker URL, or ``none`` for the single-node in-process bus."""
+    if text.strip().lower() == "none":
+        return None
+    return amqp_address(text)
+
+
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+@dataclass(frozen=True)
+class SecretFile:
+    """A loaded ``--publish-secret-file``: its first line, surrounding whitespace removed.
+
+    Neither ``repr`` nor any error message shows the secret.
+    """
+
+    path: str
+    secret: bytes = field(repr=False)
+
+    @classmethod
+    def load(cls, path: str) -> "SecretFile":
+        try:
+            with open(path, "rb") as fp:
+                raw = fp.read(4096)
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        lines = raw.strip().splitlines()
+        secret = lines[0].strip() if lines else b""
+        if len(secret) < MIN_SECRET_LENGTH:
+            raise ValueError(f"{path}: the secret must be at least {MIN_SECRET_LENGTH} characters long")
+        return cls(path=path, secret=secret)
+
+    def __str__(self) -> str:
+        return self.path
+
+
 def default_node_id() -> str:
     # Hostname alone is not unique when two nodes share a host (or a pod name is
     # reused); the suffix keeps queue names apart.
@@ -122,6 +166,11 @@ def default_node_id() -> str:
 def option(default: Any, parse: Callable[[str], Any], help: str, shown: str | None = None) -> Any:
     """A settings field: its default, how to parse a string, one line of help."""
     return field(default=default, metadata={"parse": parse, "help": help, "shown": shown})
+
+
+def flag(help: str) -> Any:
+    """An off-by-default switch: ``--name`` on the command line, ``true``/``false`` elsewhere."""
+    return field(default=False, metadata={"parse": _flag, "help": help, "shown": "false", "flag": True})
 
 
 DEFAULT_GROUPS = (
@@ -135,10 +184,10 @@ DEFAULT_GROUPS = (
 @dataclass(frozen=True)
 class Settings:
     listen: str = option("tcp:8051", _strports, "where websocket clients connect (Twisted strports description)")
-    amqp_url: AMQPAddress = option(
+    amqp_url: AMQPAddress | None = option(
         amqp_address("amqp://guest:guest@localhost:5672/%2F"),
-        amqp_address,
-        "RabbitMQ URL, amqp:// or amqps:// (vhost URL-encoded)",
+        amqp_url_or_none,
+        "RabbitMQ URL, amqp:// or amqps:// (vhost URL-encoded); none: single node, in-process bus, no RabbitMQ",
         shown="amqp://guest:guest@localhost:5672/%2F",
     )
     exchange: str = option("towerws", _name, "topic exchange publishers send to (declared durable at start)")
@@ -171,6 +220,16 @@ class Settings:
     # -- operations: metrics, logs, shutdown --
 
     # -- publishing --
+    publish_secret_file: SecretFile | None = option(
+        None, SecretFile.load, "file holding the bearer secret of POST /api/publish (unset: no HTTP publish API)"
+    )
+    publish_max_payload: int = option(
+        65536, _positive_int, "largest payload of one HTTP-published message, in bytes of JSON (larger: 400)"
+    )
+    publish_timeout: float = option(
+        10.0, _positive_float, "seconds the HTTP publish API waits for the broker's confirms (then 503)"
+    )
+    console: bool = flag("serve the live console at GET /console")
 
     # -- flow control --
 

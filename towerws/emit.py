@@ -54,6 +54,9 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
+from towerws.routing import MAX_GROUP_BYTES
+from towerws.routing import check_group as _check_group
+
 __all__ = ["DEFAULT_AMQP_URL", "DEFAULT_EXCHANGE", "DEFAULT_TIMEOUT", "EmitError", "Emitter",
            "TowerJSONEncoder", "configure", "dumps", "emit_channel_notification", "main", "redact_url"]
 
@@ -62,7 +65,7 @@ log = logging.getLogger(__name__)
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_EXCHANGE = "towerws"
 DEFAULT_TIMEOUT = 5.0
-MAX_GROUP_BYTES = 255  # AMQP short string: the routing key limit
+
 
 class EmitError(Exception):
     """The broker could not be reached in time or refused the message."""
@@ -117,22 +120,6 @@ def dumps(payload: Any) -> bytes:
     except ValueError as exc:  # NaN/Infinity, circular reference: a payload problem, like a bad type
         raise TypeError(f"payload is not JSON serialisable: {exc}") from exc
     return text.encode("utf-8")
-
-
-def _check_group(group: str) -> None:
-    """Raise if ``group`` cannot be a routing key towerws clients subscribe to."""
-    if not isinstance(group, str):
-        raise TypeError(f"group must be a str, not {type(group).__name__}")
-    if not group:
-        raise ValueError("group must not be empty")
-    try:
-        size = len(group.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"group {group!r} is not valid Unicode: {exc}") from exc
-    if size > MAX_GROUP_BYTES:
-        raise ValueError(f"group is {size} bytes long; at most {MAX_GROUP_BYTES} are allowed")
-    if any(ch.isspace() for ch in group):
-        raise ValueError(f"group {group!r} must not contain whitespace")
 
 
 # -- the emitter -----------------------------------------------------------------------------

@@ -22,7 +22,10 @@ class Options(usage.Options):
     optParameters = [["config", "c", None, "INI config file (also TOWERWS_CONFIG)"]] + [
         [config.cli_name(f.name), None, None, f"{f.metadata['help']} [default: {config.shown_default(f)}]"]
         for f in config.OPTIONS
+        if not f.metadata.get("flag")
     ]
+    # Switches take no value on the command line (``--console``); elsewhere they are true/false.
+    optFlags = [[config.cli_name(f.name), None, f.metadata["help"]] for f in config.OPTIONS if f.metadata.get("flag")]
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         # twistd answers a usage error with the whole usage text; an operator
@@ -35,6 +38,9 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         cli = {f.name: self[config.cli_name(f.name)] for f in config.OPTIONS}
+        for f in config.OPTIONS:
+            if f.metadata.get("flag"):
+                cli[f.name] = "true" if cli[f.name] else None  # absent: environment, file or default
         try:
             self.settings = config.load(cli, config_file=self["config"])
         except config.ConfigError as exc:
