@@ -13,10 +13,11 @@ from twisted.logger import Logger
 
 from towerws import __version__
 from towerws.amqp import AMQPService
-from towerws.auth import Authenticator, DenyAll, StaticTokenAuthenticator
+from towerws.auth import AllowAll, Authenticator, Authorizer, DenyAll, StaticTokenAuthenticator
 from towerws.bus import LocalBus, NodeBus
 from towerws.config import Settings
 from towerws.hub import Hub
+from towerws.tower import TowerAPI, TowerAuthenticator, TowerAuthorizer
 from towerws.web import make_site
 from towerws.websocket import TowerFactory, text_frame
 
@@ -42,7 +43,10 @@ class TowerService(MultiService):
         else:
             self.bus = AMQPService(settings, self.hub, reactor)
             self.hub.listener = self.bus.bindings
-        self.factory = TowerFactory(settings, self.hub, self.bus, make_authenticator(settings))
+        authenticator, authorizer, api = make_auth(settings, reactor)
+        if api is not None:
+            api.setServiceParent(self)  # closes its connection pool on stop
+        self.factory = TowerFactory(settings, self.hub, self.bus, authenticator, authorizer, reactor)
         self.site = make_site(self.factory)
         self.listener = strports.service(settings.listen, self.site)
         self.listener.setServiceParent(self)
@@ -64,11 +68,23 @@ class TowerService(MultiService):
         return self.listener._waitingForPort
 
 
-def make_authenticator(settings: Settings) -> Authenticator:
+def make_auth(settings: Settings, reactor: Any) -> tuple[Authenticator, Authorizer, TowerAPI | None]:
+    """``--tower-url``: the Tower API decides who and what; else the static tokens file, else nobody."""
+    log = Logger()
+    if settings.tower_url is not None:
+        if settings.tokens_file is not None:
+            log.warn("--tokens-file is ignored: --tower-url authenticates every websocket")
+        api = TowerAPI(settings.tower_url, settings.tower_timeout, reactor, settings.tower_ca_file)
+        ttls = (settings.auth_cache_ttl, settings.auth_negative_cache_ttl)
+        return (
+            TowerAuthenticator(api, reactor, *ttls),
+            TowerAuthorizer(api, settings.object_paths, reactor, *ttls),
+            api,
+        )
     if settings.tokens_file is not None:
-        return StaticTokenAuthenticator(settings.tokens_file.users)
-    Logger().warn("no authentication configured (--tokens-file): every websocket will be refused")
-    return DenyAll()
+        return StaticTokenAuthenticator(settings.tokens_file.users), AllowAll(), None
+    log.warn("no authentication configured (--tower-url, --tokens-file): every websocket will be refused")
+    return DenyAll(), AllowAll(), None
 
 
 def make_service(settings: Settings) -> TowerService:

@@ -1,18 +1,22 @@
-"""Who is on the other end of a websocket: credentials, users, authenticators.
+"""Who is on the other end of a websocket, and what it may join.
 
 An authenticator is anything with ``authenticate(credentials) -> Deferred[User | None]``
 (``None``: not authenticated, close 4401).  It raises :class:`AuthUnavailable` when
-it cannot decide right now (close 1013, the UI retries).  This module holds the
-static-token authenticator used for development and tests.
+it cannot decide right now (close 1013, the UI retries).  An authorizer decides,
+per groups message, which of the allowlisted groups the user may see
+(:class:`Decision`).  This module holds the static-token authenticator used for
+development and tests, the allow-all authorizer that goes with it, and the
+cross-site checks (Origin, xrftoken); ``towerws.tower`` asks the Tower API instead.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from twisted.internet.defer import Deferred, succeed
 
@@ -47,6 +51,78 @@ class Credentials:
                 token = value.strip()
         return cls(token=token, authorization=authorization, cookie=headers.get("cookie") or None)
 
+    @property
+    def by_cookie(self) -> bool:
+        """Only browser cookies identify this caller: its groups messages need the xrftoken.
+
+        A token or ``Authorization`` header takes precedence over cookies (the
+        Tower authenticator forwards exactly one of them), so a cross-site page
+        that adds its own token can only ever act as that token's owner.
+        """
+        return self.token is None and self.authorization is None and self.cookie is not None
+
+    @property
+    def csrftoken(self) -> str | None:
+        """The ``csrftoken`` cookie (Django's anti-CSRF value), if the handshake carried one."""
+        for part in (self.cookie or "").split(";"):
+            name, sep, value = part.strip().partition("=")
+            if sep and name == CSRF_COOKIE:
+                return value.strip().strip('"') or None
+        return None
+
+    def xrftoken_matches(self, xrftoken: str | None) -> bool:
+        """AWX's rule: a cookie connection proves it is same-site with ``"xrftoken"`` = csrftoken cookie."""
+        if not self.by_cookie:
+            return True
+        expected = self.csrftoken
+        if expected is None or xrftoken is None:
+            return False
+        return hmac.compare_digest(expected.encode("utf-8", "replace"), xrftoken.encode("utf-8", "replace"))
+
+
+CSRF_COOKIE = "csrftoken"
+
+
+def origin_allowed(origin: str | None, host: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a handshake's ``Origin`` may open a websocket.
+
+    No Origin (a non-browser client): allowed.  With ``allowed`` empty, the
+    Origin's host must equal the request's Host (ports ignored, as Django's
+    ``AllowedHostsOriginValidator`` does); otherwise the Origin must be one of
+    ``allowed`` (normalised by :func:`normalise_origin`).
+    """
+    if not origin:
+        return True
+    try:
+        normalised = normalise_origin(origin)
+    except ValueError:
+        return False  # "null" (sandboxed frames, file:) and junk
+    if allowed:
+        return normalised in allowed
+    return urlsplit(normalised).hostname == host.strip().strip("[]").lower()
+
+
+def normalise_origin(text: str) -> str:
+    """``scheme://host[:port]`` in lower case, default port dropped; ``ValueError`` otherwise."""
+    parts = urlsplit(text.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{text!r} has an invalid port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") or (
+        parts.query or parts.fragment or parts.username is not None
+    ):
+        raise ValueError(f"{text!r} is not an origin like https://host[:port]")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    if port is not None and port != {"http": 80, "https": 443}[parts.scheme]:
+        host = f"{host}:{port}"
+    return f"{parts.scheme}://{host}"
+
+
+def allowed_origins(text: str) -> tuple[str, ...]:
+    """The ``allowed_origins`` option: comma-separated origins (empty: same host only)."""
+    return tuple(normalise_origin(item) for item in text.split(",") if item.strip())
+
 
 class AuthUnavailable(Exception):
     """The authentication service could not answer; the client should retry later."""
@@ -54,6 +130,29 @@ class AuthUnavailable(Exception):
 
 class Authenticator(Protocol):
     def authenticate(self, credentials: Credentials) -> Deferred[User | None]: ...
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What an authorizer made of the (allowlisted) groups of one message."""
+
+    allowed: frozenset[str]
+    #: (key, item) refused by the source of truth: "access denied to channel KEY for resource id ID"
+    denied: tuple[tuple[str, str], ...] = ()
+    #: (key, item) that could not be checked: "authorization service unavailable for KEY ID"
+    unavailable: tuple[tuple[str, str], ...] = ()
+
+
+class Authorizer(Protocol):
+    def authorize(self, user: User, credentials: Credentials, groups: frozenset[str]) -> Deferred[Decision]:
+        """Split ``groups`` (already allowlisted) into allowed, denied and unavailable.  Never fails."""
+
+
+class AllowAll:
+    """Static-token mode: the allowlist is the only rule."""
+
+    def authorize(self, user: User, credentials: Credentials, groups: frozenset[str]) -> Deferred[Decision]:
+        return succeed(Decision(allowed=groups))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from towerws import tower
 from towerws.auth import TokenFile
+from towerws.auth import allowed_origins as parse_origins
 from towerws.subscribe import Allowlist
 
 ENV_PREFIX = "TOWERWS_"
@@ -214,6 +216,31 @@ class Settings:
     reconnect_max_delay: float = option(30.0, _positive_float, "cap of the exponential backoff between broker connection attempts")
 
     # -- Tower API authentication and limits --
+    tower_url: str | None = option(
+        None, tower.tower_url, "Tower/AWX base URL: authenticate and authorize every websocket with its API"
+    )
+    tower_timeout: float = option(5.0, _positive_float, "seconds one Tower API request may take (then: unavailable)")
+    tower_ca_file: str | None = option(
+        None, tower.ca_file, "PEM file of CA certificates trusted for --tower-url (default: the system's)"
+    )
+    object_paths: tower.ObjectPaths = option(
+        tower.ObjectPaths.parse(tower.DEFAULT_OBJECT_PATHS),
+        tower.ObjectPaths.parse,
+        "API path checked for each id-keyed group: KEY:/api/v2/.../{id}/ entries",
+        shown=tower.DEFAULT_OBJECT_PATHS,
+    )
+    auth_cache_ttl: float = option(30.0, _non_negative_float, "seconds a Tower API yes (a user, an allowed object) is reused")
+    auth_negative_cache_ttl: float = option(5.0, _non_negative_float, "seconds a Tower API no (401, 403, 404) is reused")
+    allowed_origins: tuple[str, ...] = option(
+        (), parse_origins, "browser Origins allowed, comma-separated (none: the Origin host must equal Host)",
+        shown="(none)",
+    )
+    max_groups_per_connection: int = option(1000, _positive_int, "most groups one connection may hold")
+    max_groups_messages_per_second: float = option(
+        5.0, _positive_float, "client messages per second per connection (bursts up to the same number)"
+    )
+    max_connections_per_user: int = option(100, _positive_int, "open websockets per user (more: close 1013)")
+    max_connections: int = option(10000, _positive_int, "open websockets in total (more: close 1013)")
 
     # -- broker: TLS and faults --
 
@@ -274,6 +301,19 @@ def read_config_file(path: str) -> dict[str, str]:
     return values
 
 
+def _check_tower_options(settings: Settings) -> None:
+    """Options that only make sense together: every id-keyed group needs an API path."""
+    if settings.tower_url is None:
+        return
+    missing = sorted(settings.groups.id_keys - settings.object_paths.paths.keys())
+    if missing:
+        raise ConfigError(f"--object-paths: no API path for the id-keyed group(s) {', '.join(missing)} "
+                          "(each is checked against --tower-url)")
+    if settings.tower_timeout >= settings.open_handshake_timeout:
+        raise ConfigError("--tower-timeout: must be shorter than --open-handshake-timeout "
+                          "(authentication happens inside the opening handshake)")
+
+
 def load(
     cli: Mapping[str, str | None] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -300,6 +340,7 @@ def load(
         elif key in from_file:
             values[key] = _parse(key, from_file[key], f"config file {config_file}")
     settings = Settings(**values)
+    _check_tower_options(settings)
     if settings.node_id is None:
         settings = dataclasses.replace(settings, node_id=default_node_id())
     return settings

@@ -147,7 +147,18 @@ def parse_groups_message(text: str, allowlist: Allowlist, user_id: int) -> Group
 
 def denied_errors(denied: tuple[tuple[str, str], ...]) -> list[dict[str, str]]:
     """Error replies for refused items, capped so one message cannot amplify into thousands."""
-    errors = [{"error": f"access denied to channel {key} for resource id {item}"} for key, item in denied[:MAX_ITEM_ERRORS]]
-    if len(denied) > MAX_ITEM_ERRORS:
-        errors.append({"error": f"access denied to {len(denied) - MAX_ITEM_ERRORS} more items"})
+    return _item_errors(denied, "access denied to channel {key} for resource id {item}", "access denied to {n} more items")
+
+
+def unavailable_errors(items: tuple[tuple[str, str], ...]) -> list[dict[str, str]]:
+    """Error replies for items the authorizer could not check (its service failed), capped likewise."""
+    return _item_errors(
+        items, "authorization service unavailable for {key} {item}", "authorization service unavailable for {n} more items"
+    )
+
+
+def _item_errors(items: tuple[tuple[str, str], ...], one: str, more: str) -> list[dict[str, str]]:
+    errors = [{"error": one.format(key=key, item=item)} for key, item in items[:MAX_ITEM_ERRORS]]
+    if len(items) > MAX_ITEM_ERRORS:
+        errors.append({"error": more.format(n=len(items) - MAX_ITEM_ERRORS)})
     return errors

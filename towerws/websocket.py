@@ -1,10 +1,12 @@
 """The websocket side: one :class:`TowerProtocol` per browser, made by :class:`TowerFactory`.
 
-Wire protocol (compatible with the AWX UI): the handshake is authenticated
-(``?token=``, ``Authorization``, cookies), the first message says
-``{"accept": true, "user": ID}`` or refuses with close 4401; each text message
-``{"groups": {...}}`` replaces the connection's subscriptions and is answered,
-once the new groups can receive, with ``groups_current/joined/left``.
+Wire protocol (compatible with the AWX UI): the handshake is checked (path,
+Origin) and authenticated (``?token=``, ``Authorization``, cookies), the first
+message says ``{"accept": true, "user": ID}`` or refuses with close 4401 (not
+authenticated) or 1013 (try later: auth service down, too many connections);
+each text message ``{"groups": {...}}`` is parsed, authorized, then replaces the
+connection's subscriptions and is answered, once the new groups can receive,
+with ``groups_current/joined/left``.
 
 Deliveries arrive from the hub already framed (:func:`text_frame`) and are
 written straight to the transport: one framing per message, one write per
@@ -22,13 +24,21 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from towerws.auth import Authenticator, AuthUnavailable, Credentials, User
+from towerws.auth import AllowAll, Authenticator, Authorizer, AuthUnavailable, Credentials, User, origin_allowed
 from towerws.config import Settings
 from towerws.hub import Hub
-from towerws.subscribe import AccessDenied, InvalidMessage, denied_errors, parse_groups_message
+from towerws.limits import TOO_MANY_CONNECTIONS, ConnectionLimits, TokenBucket
+from towerws.subscribe import (
+    AccessDenied,
+    InvalidMessage,
+    denied_errors,
+    parse_groups_message,
+    unavailable_errors,
+)
 
 PATHS = ("/websocket", "/websocket/")
 
@@ -77,6 +87,8 @@ class TowerProtocol(WebSocketServerProtocol):
     user: User | None = None
     credentials: Credentials | None = None
     _refusal: tuple[int, str] | None = None
+    #: authenticated and within the connection limits: may subscribe
+    _admitted = False
     _closed = False
 
     # -- handshake -------------------------------------------------------------
@@ -84,7 +96,16 @@ class TowerProtocol(WebSocketServerProtocol):
     def onConnect(self, request: ConnectionRequest) -> Deferred[None]:
         if request.path not in PATHS:
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "not found")
+        if not origin_allowed(request.origin, request.host, self.factory.settings.allowed_origins):
+            # Cross-site websocket hijacking: refused before any credential is looked at.
+            log.info("refused websocket from {peer}: origin {origin} not allowed", peer=self.peer,
+                     origin=request.origin[:200])
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")
         self.conn_id = next(self.factory.ids)
+        if self.factory.limits.full():
+            # It could not be admitted anyway: spare the authentication service.
+            self._refusal = (CLOSE_TRY_AGAIN_LATER, TOO_MANY_CONNECTIONS)
+            return succeed(None)
         self.credentials = Credentials.from_request(request.headers, request.params)
         d = maybeDeferred(self.factory.authenticator.authenticate, self.credentials)
         d.addCallbacks(self._authenticated, self._auth_failed)
@@ -102,16 +123,24 @@ class TowerProtocol(WebSocketServerProtocol):
         self._refusal = (CLOSE_TRY_AGAIN_LATER, "authentication service unavailable")
 
     def onOpen(self) -> None:
-        if self.user is None:
-            code, reason = self._refusal or (CLOSE_UNAUTHORIZED, "authentication failed")
-            log.info(
-                "refused websocket {conn} from {peer}: {reason}", conn=self.conn_id, peer=self.peer, reason=reason
-            )
-            self.sendMessage(_json({"accept": False, "user": None, "close": True, "error": reason}))
-            self.sendClose(code, reason)
-            return
+        if self._refusal is None and self.user is not None:
+            over = self.factory.limits.admit(self.user.id)
+            if over is None:
+                self._admit()
+                return
+            self._refusal = (CLOSE_TRY_AGAIN_LATER, over)
+        code, reason = self._refusal or (CLOSE_UNAUTHORIZED, "authentication failed")
+        log.info("refused websocket {conn} from {peer}: {reason}", conn=self.conn_id, peer=self.peer, reason=reason)
+        self.sendMessage(_json({"accept": False, "user": None, "close": True, "error": reason}))
+        # sendClose() refuses 1013; the close-frame call takes any code.
+        self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"))
+
+    def _admit(self) -> None:
+        assert self.user is not None
+        self._admitted = True
         self.factory.connections.add(self)
         self._pending: Deferred[None] = succeed(None)
+        self._bucket = TokenBucket(self.factory.settings.max_groups_messages_per_second, self.factory.clock)
         log.info(
             "websocket {conn} open for user {user} from {peer}", conn=self.conn_id, user=self.user.id, peer=self.peer
         )
@@ -134,8 +163,12 @@ class TowerProtocol(WebSocketServerProtocol):
             # sendClose() only takes 1000/3000-4999; 1003 needs the close-frame call.
             self.sendCloseFrame(code=CLOSE_UNSUPPORTED_DATA, reasonUtf8=b"binary messages are not supported")
             return
-        if self.user is None:
+        if not self._admitted:
             return  # a refused connection is closing; nothing it says counts
+        if not self._bucket.take():
+            # Answered at once and never queued, so a flood cannot pile up behind a slow message.
+            self.send_json({"error": "rate limited"})
+            return
         # Messages are handled strictly in order: a reply (and its bindings)
         # completes before the next groups message is looked at.
         self._pending.addCallback(lambda _: ensureDeferred(self._handle(payload)))
@@ -146,16 +179,25 @@ class TowerProtocol(WebSocketServerProtocol):
         self.send_json({"error": "internal error"})
 
     async def _handle(self, payload: bytes) -> None:
-        assert self.user is not None
+        assert self.user is not None and self.credentials is not None
+        settings = self.factory.settings
         try:
-            request = parse_groups_message(payload.decode("utf-8"), self.factory.settings.groups, self.user.id)
+            request = parse_groups_message(payload.decode("utf-8"), settings.groups, self.user.id)
         except (InvalidMessage, AccessDenied) as exc:
             self.send_json({"error": str(exc)})
             return
+        if not self.credentials.xrftoken_matches(request.xrftoken):
+            # A cookie-authenticated page proves it is same-site, or nothing changes (AWX's rule).
+            self.send_json({"error": "access denied to channel"})
+            return
+        if len(request.groups) > settings.max_groups_per_connection:
+            self.send_json({"error": "too many groups"})
+            return
+        decision = await self.factory.authorizer.authorize(self.user, self.credentials, request.groups)
         if self._closed:
             return
-        change = self.factory.hub.set_groups(self, request.groups)
-        for error in denied_errors(request.denied):
+        change = self.factory.hub.set_groups(self, decision.allowed)
+        for error in denied_errors(request.denied + decision.denied) + unavailable_errors(decision.unavailable):
             self.send_json(error)
         try:
             await self.factory.bus.when_bound(change.joined)
@@ -169,7 +211,9 @@ class TowerProtocol(WebSocketServerProtocol):
         if self._closed:
             return
         self._closed = True
-        if self.user is not None:
+        if self._admitted:
+            assert self.user is not None
+            self.factory.limits.release(self.user.id)
             self.factory.connections.discard(self)
             self.factory.hub.remove(self)
             log.info(
@@ -187,12 +231,25 @@ class TowerProtocol(WebSocketServerProtocol):
 class TowerFactory(WebSocketServerFactory):
     protocol = TowerProtocol
 
-    def __init__(self, settings: Settings, hub: Hub, bus: Bus, authenticator: Authenticator):
+    def __init__(
+        self,
+        settings: Settings,
+        hub: Hub,
+        bus: Bus,
+        authenticator: Authenticator,
+        authorizer: Authorizer | None = None,
+        clock: IReactorTime | None = None,
+    ):
         super().__init__()
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.settings = settings
         self.hub = hub
         self.bus = bus
         self.authenticator = authenticator
+        self.authorizer: Authorizer = authorizer or AllowAll()
+        self.clock = clock
+        self.limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_user)
         self.connections: set[TowerProtocol] = set()
         self.ids = itertools.count(1)
         self.setProtocolOptions(
@@ -204,4 +261,6 @@ class TowerFactory(WebSocketServerFactory):
             autoPingInterval=settings.ping_interval,
             autoPingTimeout=settings.ping_timeout,
             openHandshakeTimeout=settings.open_handshake_timeout,
+            # Origins are checked in onConnect (403); let "null" reach that check too.
+            allowNullOrigin=True,
         )
