@@ -16,22 +16,26 @@ from __future__ import annotations
 import itertools
 import json
 import struct
+import time
 from typing import Any, Protocol
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from towerws.auth import Authenticator, AuthUnavailable, Credentials, User
 from towerws.config import Settings
 from towerws.hub import Hub
+from towerws.metrics import Metrics
 from towerws.subscribe import AccessDenied, InvalidMessage, denied_errors, parse_groups_message
 
 PATHS = ("/websocket", "/websocket/")
 
+CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_UNAUTHORIZED = 4401
@@ -78,13 +82,20 @@ class TowerProtocol(WebSocketServerProtocol):
     credentials: Credentials | None = None
     _refusal: tuple[int, str] | None = None
     _closed = False
+    #: data frames sent (deliveries and replies), for the access log
+    frames_sent = 0
+    #: the X-Forwarded-For of a proxied handshake (the real client behind nginx)
+    forwarded_for: str | None = None
 
     # -- handshake -------------------------------------------------------------
 
     def onConnect(self, request: ConnectionRequest) -> Deferred[None]:
         if request.path not in PATHS:
+            self.factory.metrics.handshakes.labels("not_found").inc()
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "not found")
         self.conn_id = next(self.factory.ids)
+        self.opened_at = time.monotonic()
+        self.forwarded_for = request.headers.get("x-forwarded-for")
         self.credentials = Credentials.from_request(request.headers, request.params)
         d = maybeDeferred(self.factory.authenticator.authenticate, self.credentials)
         d.addCallbacks(self._authenticated, self._auth_failed)
@@ -102,30 +113,47 @@ class TowerProtocol(WebSocketServerProtocol):
         self._refusal = (CLOSE_TRY_AGAIN_LATER, "authentication service unavailable")
 
     def onOpen(self) -> None:
+        handshakes = self.factory.metrics.handshakes
+        if self.factory.draining:
+            handshakes.labels("shutting_down").inc()
+            self.user = None
+            self.sendCloseFrame(code=CLOSE_GOING_AWAY, reasonUtf8=b"server shutting down")
+            return
         if self.user is None:
             code, reason = self._refusal or (CLOSE_UNAUTHORIZED, "authentication failed")
+            handshakes.labels("auth_unavailable" if code == CLOSE_TRY_AGAIN_LATER else "unauthenticated").inc()
             log.info(
                 "refused websocket {conn} from {peer}: {reason}", conn=self.conn_id, peer=self.peer, reason=reason
             )
-            self.sendMessage(_json({"accept": False, "user": None, "close": True, "error": reason}))
+            self.send_json({"accept": False, "user": None, "close": True, "error": reason})
             self.sendClose(code, reason)
             return
+        handshakes.labels("accepted").inc()
         self.factory.connections.add(self)
         self._pending: Deferred[None] = succeed(None)
         log.info(
             "websocket {conn} open for user {user} from {peer}", conn=self.conn_id, user=self.user.id, peer=self.peer
         )
-        self.sendMessage(_json({"accept": True, "user": self.user.id}))
+        self.send_json({"accept": True, "user": self.user.id})
+
+    def go_away(self) -> None:
+        """Shutdown: close 1001 (going away); well-behaved clients reconnect elsewhere."""
+        # Not Autobahn's close-handshake timer (1 s): the factory's drain timer
+        # drops whoever has not answered within the drain timeout.
+        self.closeHandshakeTimeout = 0
+        self.sendCloseFrame(code=CLOSE_GOING_AWAY, reasonUtf8=b"server shutting down")
 
     # -- fan-out ---------------------------------------------------------------
 
     def deliver(self, frame: bytes) -> None:
         if self.state == _OPEN:
             self.transport.write(frame)
+            self.frames_sent += 1
 
     def send_json(self, obj: Any) -> None:
         if self.state == _OPEN:
             self.sendMessage(_json(obj))
+            self.frames_sent += 1
 
     # -- client messages -------------------------------------------------------
 
@@ -147,9 +175,11 @@ class TowerProtocol(WebSocketServerProtocol):
 
     async def _handle(self, payload: bytes) -> None:
         assert self.user is not None
+        outcomes = self.factory.metrics.subscribes
         try:
             request = parse_groups_message(payload.decode("utf-8"), self.factory.settings.groups, self.user.id)
         except (InvalidMessage, AccessDenied) as exc:
+            outcomes.labels("invalid" if isinstance(exc, InvalidMessage) else "denied").inc()
             self.send_json({"error": str(exc)})
             return
         if self._closed:
@@ -160,7 +190,10 @@ class TowerProtocol(WebSocketServerProtocol):
         try:
             await self.factory.bus.when_bound(change.joined)
         except BrokerUnavailable:
+            outcomes.labels("broker_unavailable").inc()
             self.send_json({"error": "broker unavailable"})
+        else:
+            outcomes.labels("partly_denied" if request.denied else "ok").inc()
         self.send_json({"groups_current": change.current, "groups_left": change.left, "groups_joined": change.joined})
 
     # -- teardown --------------------------------------------------------------
@@ -169,15 +202,24 @@ class TowerProtocol(WebSocketServerProtocol):
         if self._closed:
             return
         self._closed = True
+        groups = 0
         if self.user is not None:
-            self.factory.connections.discard(self)
-            self.factory.hub.remove(self)
+            self.factory.connection_gone(self)
+            groups = len(self.factory.hub.remove(self))
+        if hasattr(self, "conn_id"):
+            # The access log: one line per websocket session, whatever its outcome.
             log.info(
-                "websocket {conn} closed for user {user} from {peer}: code {code}",
+                "websocket {conn} closed: user {user} from {peer}, {duration_s}s, {groups} groups, "
+                "{frames} frames sent, close code {code}",
                 conn=self.conn_id,
-                user=self.user.id,
+                user=self.user.id if self.user is not None else None,
                 peer=self.peer,
+                forwarded_for=self.forwarded_for,
+                duration_s=round(time.monotonic() - self.opened_at, 3),
+                groups=groups,
+                frames=self.frames_sent,
                 code=code,
+                clean=wasClean,
             )
 
     def __repr__(self) -> str:
@@ -187,14 +229,20 @@ class TowerProtocol(WebSocketServerProtocol):
 class TowerFactory(WebSocketServerFactory):
     protocol = TowerProtocol
 
-    def __init__(self, settings: Settings, hub: Hub, bus: Bus, authenticator: Authenticator):
+    def __init__(
+        self, settings: Settings, hub: Hub, bus: Bus, authenticator: Authenticator, metrics: Metrics | None = None
+    ):
         super().__init__()
         self.settings = settings
         self.hub = hub
         self.bus = bus
         self.authenticator = authenticator
+        self.metrics = metrics or Metrics()
         self.connections: set[TowerProtocol] = set()
         self.ids = itertools.count(1)
+        #: set at shutdown: handshakes still completing are closed with 1001
+        self.draining = False
+        self._drained: list[Deferred[None]] = []
         self.setProtocolOptions(
             # Protocol violations get the standard close code on the wire (1003,
             # 1007, 1009) instead of a bare TCP drop the client sees as 1006.
@@ -205,3 +253,40 @@ class TowerFactory(WebSocketServerFactory):
             autoPingTimeout=settings.ping_timeout,
             openHandshakeTimeout=settings.open_handshake_timeout,
         )
+
+    def connection_gone(self, protocol: TowerProtocol) -> None:
+        self.connections.discard(protocol)
+        if not self.connections:
+            waiters, self._drained = self._drained, []
+            for d in waiters:
+                d.callback(None)
+
+    def drain(self, timeout: float, clock: IReactorTime) -> Deferred[None]:
+        """Shutdown: close every client with 1001; fires once all are gone.
+
+        A client still there after ``timeout`` seconds is dropped.
+        """
+        self.draining = True
+        if not self.connections:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        for protocol in list(self.connections):
+            protocol.go_away()
+
+        def too_late() -> None:
+            for protocol in list(self.connections):
+                log.warn("websocket {conn} did not leave in time; dropping it", conn=protocol.conn_id)
+                protocol.dropConnection(abort=True)
+            # Aborted connections are gone for good; their onClose follows shortly.
+            waiters, self._drained = self._drained, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+        call = clock.callLater(timeout, too_late)
+
+        def done(result: None) -> None:
+            if call.active():
+                call.cancel()
+
+        return d.addCallback(done)
