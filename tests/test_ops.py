@@ -8,6 +8,7 @@ import re
 
 import pika
 import pytest
+import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import AMQP_URL, Server, aio_test, connect, http_get, raw_websocket, read_to_eof, server_options, wait
@@ -156,6 +157,36 @@ async def test_counters_for_other_parts_are_exposed(server: Server) -> None:
     assert value(m, "towerws_auth_cache_hits_total") == 5
 
 
+class AuthDown:
+    def authenticate(self, credentials):
+        from twisted.internet.defer import fail
+
+        from towerws.auth import AuthUnavailable
+
+        return fail(AuthUnavailable())
+
+
+@aio_test
+async def test_refusals_and_reconnects_are_counted(server: Server) -> None:
+    with pytest.raises(websockets.InvalidStatus):
+        await connect(f"ws://127.0.0.1:{server.port}/websocket/elsewhere")
+    factory = server.service.factory
+    real, factory.authenticator = factory.authenticator, AuthDown()
+    ws = await connect(server.url, "token-alice", accept=False)
+    assert (await ws.closed())[0] == 1013
+    factory.authenticator = real
+    bus = server.service.bus
+    # The broker connection drops; the node reconnects and consumes again.
+    back = bus.client.lost.addCallback(lambda _: bus.when_ready())
+    bus.client.transport.abortConnection()
+    await wait(back, 30)
+    m = await scrape(server.http)
+    assert value(m, "towerws_handshakes_total", outcome="not_found") == 1
+    assert value(m, "towerws_handshakes_total", outcome="auth_unavailable") == 1
+    assert value(m, "towerws_amqp_reconnects_total") == 1
+    assert value(m, "towerws_amqp_consuming") == 1
+
+
 @aio_test
 async def test_two_servers_in_one_process_keep_separate_metrics(server_factory) -> None:
     one = await server_factory()
@@ -200,6 +231,7 @@ async def test_stop_closes_clients_1001_and_reports_not_ready_while_draining(ser
     polite = await server.connect()
     await polite.subscribe({"jobs": ["summary"]})
     reader, writer = await raw_websocket(server.port)
+    late_reader, late_writer = await asyncio.open_connection("127.0.0.1", server.port)  # handshake comes later
     stopping = server.service.stopService()
     assert (await polite.closed())[0] == 1001
     status, _, body = await http_get(ops + "/readyz")  # the stubborn client holds the drain open
@@ -210,6 +242,15 @@ async def test_stop_closes_clients_1001_and_reports_not_ready_while_draining(ser
     await wait(stopping)
     with pytest.raises(ConnectionRefusedError):
         await connect(server.url)
+    # A handshake completed during the shutdown is answered with 1001 at once.
+    late_writer.write(b"GET /websocket/?token=token-bob HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n"
+                      b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      b"Sec-WebSocket-Version: 13\r\n\r\n")
+    late = await read_to_eof(late_reader, 10)
+    assert b" 101 " in late and b"\x03\xe9server shutting down" in late and b"accept" not in late
+    late_writer.close()
+    assert server.service.metrics.registry.get_sample_value(
+        "towerws_handshakes_total", {"outcome": "shutting_down"}) == 1
     assert not server.service.bus.ready
 
 
@@ -252,3 +293,18 @@ def test_settings_reject_bad_ops_options() -> None:
         with pytest.raises(config.ConfigError, match=re.escape(f"--{config.cli_name(key)} ")):
             config.load({key: bad}, environ={})
     assert config.load({"metrics_listen": ""}, environ={}).metrics_listen is None
+
+
+def test_latency_histogram_exposes_what_prometheus_client_would() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from towerws.metrics import LATENCY_BUCKETS, LatencyHistogram
+
+    ours, reference = CollectorRegistry(), CollectorRegistry()
+    mine = LatencyHistogram("lat_seconds", "doc", LATENCY_BUCKETS)
+    ours.register(mine)
+    theirs = Histogram("lat_seconds", "doc", buckets=LATENCY_BUCKETS, registry=reference)
+    for v in (0.0, 0.0001, 0.00011, 0.003, 0.003, 0.5, 2.5, 7.0, 1e-9):  # bounds themselves included
+        mine.observe(v)
+        theirs.observe(v)
+    assert generate_latest(ours) == generate_latest(reference)

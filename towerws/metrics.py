@@ -8,23 +8,26 @@ a label.
 The hot path stays cheap: per message the hub and the AMQP side bump plain
 integers (``Hub.delivered_frames``, ``AMQPService.consumed``, ...) which
 :class:`_Totals` reads only when Prometheus scrapes; the one per-message
-Prometheus call is the latency histogram's ``observe``.  Gauges are computed
-at scrape time from the live objects (``set_function``).
+observation is the latency histogram's, a :class:`LatencyHistogram` (a bisect
+and two additions, about 10x cheaper than ``prometheus_client.Histogram.observe``
+with its locks).  Gauges are computed at scrape time from the live objects
+(``set_function``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     Info,
     ProcessCollector,
     disable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from twisted.web.resource import Resource
@@ -58,6 +61,32 @@ class _Totals(Collector):
             yield CounterMetricFamily(name, doc, value=read())
 
 
+class LatencyHistogram(Collector):
+    """A histogram kept in plain numbers, exposed at scrape time.
+
+    ``observe`` runs once per delivered message in the reactor thread, and so does
+    the scrape (``MetricsResource``): no lock is needed.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]):
+        self._name, self._doc = name, documentation
+        self._bounds = list(buckets)
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # Prometheus buckets are "less than or equal": the first bound >= value.
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        buckets, total = [], 0
+        for bound, count in zip([*self._bounds, float("inf")], self._counts):
+            total += count
+            buckets.append((floatToGoString(bound), total))
+        yield HistogramMetricFamily(self._name, self._doc, buckets=buckets, sum_value=self._sum)
+
+
 class Metrics:
     """Every metric of one node.  Build it, then :meth:`bind` it to the live objects."""
 
@@ -87,12 +116,12 @@ class Metrics:
         self.auth_cache_hits = Counter(
             "towerws_auth_cache_hits", "handshakes authenticated from the cache, without an API request", registry=r
         )
-        self.latency = Histogram(
+        self.latency = LatencyHistogram(
             "towerws_delivery_latency_seconds",
             "AMQP read to the message written to every subscriber's transport",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
+        r.register(self.latency)
         # Every label value exists from the start, so rate() sees a 0 -> 1 step.
         for counter, outcomes in (
             (self.handshakes, HANDSHAKE_OUTCOMES),

@@ -126,7 +126,8 @@ class TowerProtocol(WebSocketServerProtocol):
                 "refused websocket {conn} from {peer}: {reason}", conn=self.conn_id, peer=self.peer, reason=reason
             )
             self.send_json({"accept": False, "user": None, "close": True, "error": reason})
-            self.sendClose(code, reason)
+            # sendClose() refuses 1013 (only 1000 and 3000-4999): the close-frame call takes any code.
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"))
             return
         handshakes.labels("accepted").inc()
         self.factory.connections.add(self)
