@@ -19,6 +19,7 @@ run: $(STAMP)
 	@echo "  connect: $(VENV)/bin/python -m websockets 'ws://localhost:8051/websocket/?token=dev-token'"
 	@echo "           then type: {\"groups\": {\"jobs\": [\"status_changed\"]}}"
 	@echo "  publish: $(VENV)/bin/towerws-publish jobs-status_changed '{\"status\": \"running\"}'"
+	@echo "  watch:   curl localhost:8051/metrics   (and /healthz, /readyz)"
 	exec $(VENV)/bin/twistd --nodaemon --pidfile= towerws --config $(CONFIG)
 
 # The suite needs a real RabbitMQ; tests/conftest.py starts the local one if needed.
