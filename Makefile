@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= etc/towerws.conf
 
-.PHONY: run test clean browser
+.PHONY: run test test-deps clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,17 +19,21 @@ run: $(STAMP)
 	@echo "  connect: $(VENV)/bin/python -m websockets 'ws://localhost:8051/websocket/?token=dev-token'"
 	@echo "           then type: {\"groups\": {\"jobs\": [\"status_changed\"]}}"
 	@echo "  publish: $(VENV)/bin/towerws-publish jobs-status_changed '{\"status\": \"running\"}'"
+	@echo "  watch:   curl localhost:8051/metrics   (and /healthz, /readyz)"
 	exec $(VENV)/bin/twistd --nodaemon --pidfile= towerws --config $(CONFIG)
 
 # The suite needs a real RabbitMQ; tests/conftest.py starts the local one if needed.
-test: $(STAMP) browser
+test: $(STAMP) test-deps
 	$(VENV)/bin/pytest
 
-# The console's browser test drives Debian's Chromium (never a downloaded browser build).
-# Installed here when missing; if that is impossible the test skips and says why.
-browser:
-	@command -v chromium >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver) \
-		|| echo "make: could not install chromium; the browser test will be skipped"
+# Debian packages the tests drive: nginx in front of towerws, Chromium for the console
+# (never a downloaded browser build). Installed only when missing; where that is
+# impossible the tests that need them skip and say why.
+test-deps:
+	@command -v nginx >/dev/null || (apt-get update -q && apt-get install -y -q nginx) \
+		|| echo "make test: nginx could not be installed; the nginx test will be skipped"
+	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) \
+		|| echo "make test: chromium could not be installed; the browser test will be skipped"
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp

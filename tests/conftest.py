@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -103,6 +105,24 @@ def aio_test(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Deferred]:
         return await aio(asyncio.wait_for(fn(*args, **kwargs), 60))
 
     return wrapper
+
+
+# -- plain HTTP -------------------------------------------------------------------
+
+
+def _http_get(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+async def http_get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    """GET ``url`` (urllib in a worker thread): (status, lower-cased headers, body), whatever the status."""
+    loop = asyncio.get_running_loop()
+    return await asyncio.wait_for(loop.run_in_executor(None, _http_get, url, headers), TIMEOUT + 1)
 
 
 # -- the publisher ---------------------------------------------------------------
@@ -309,6 +329,29 @@ async def connect(url: str, token: str | None = "token-alice", accept: bool = Tr
         hello = await client.recv_json()
         assert hello["accept"] is True, hello
     return client
+
+
+async def raw_websocket(port: int, token: str = "token-alice") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client that completes the handshake, then never answers anything (not even a close)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"GET /websocket/?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        .encode()
+    )
+    assert b" 101 " in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    return reader, writer
+
+
+async def read_to_eof(reader: asyncio.StreamReader, timeout: float = TIMEOUT) -> bytes:
+    """Everything the server sends until it ends the connection (close or abort)."""
+    data = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), timeout):
+            data += chunk
+    except ConnectionResetError:
+        pass  # an abort ends the stream all the same
+    return data
 
 
 # -- the server under test -----------------------------------------------------------

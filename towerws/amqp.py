@@ -19,6 +19,7 @@ down are delivered after reconnect, bounded by ``x-max-length`` (drop-head).
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -36,6 +37,7 @@ from towerws.amqpspec import install_codec, load_spec, silence_txamqp_returnvalu
 from towerws.config import AMQPAddress, Settings
 from towerws.confirms import ConfirmDelegate, Confirms, PublishError
 from towerws.hub import Hub, InvalidBody
+from towerws.metrics import Metrics
 from towerws.websocket import BrokerUnavailable
 
 CHANNEL = 1
@@ -80,8 +82,13 @@ class BrokerProtocol(AMQClient):
     log = Logger()
     #: set once ``basic.consume`` is sent; until then every frame takes the generic path
     consuming = False
+    #: set at shutdown once the clients are gone: deliveries still arriving are
+    #: neither handed on nor acknowledged, so closing the channel requeues them
+    holding = False
 
-    def __init__(self, on_delivery: Callable[[str, bytes], None], vhost: str, heartbeat: int, clock: IReactorTime):
+    def __init__(
+        self, on_delivery: Callable[[str, bytes, float], None], vhost: str, heartbeat: int, clock: IReactorTime
+    ):
         super().__init__(ConfirmDelegate(), vhost, load_spec(), heartbeat=heartbeat, clock=clock)
         self.on_delivery = on_delivery
         self.lost: Deferred[None] = Deferred()
@@ -91,6 +98,8 @@ class BrokerProtocol(AMQClient):
         self._acked_tag = 0
 
     def dataReceived(self, data: bytes) -> None:
+        # Start of the AMQP-receive-to-write latency of every message in this read.
+        self._read_started = time.perf_counter()
         buf = self._buffer
         buf += data
         pos, size = 0, len(buf)
@@ -145,9 +154,11 @@ class BrokerProtocol(AMQClient):
             return False
         if delivery[2] is not None and delivery[3] >= delivery[2]:
             self._delivery = None
+            if self.holding:
+                return True
             self._last_tag = delivery[0]
             body = delivery[4][0] if len(delivery[4]) == 1 else b"".join(delivery[4])
-            self.on_delivery(delivery[1], body)
+            self.on_delivery(delivery[1], body, self._read_started)
         return True
 
     def connectionLost(self, reason: Failure) -> None:
@@ -305,7 +316,7 @@ class AMQPService(Service):
 
     log = Logger()
 
-    def __init__(self, settings: Settings, hub: Hub, reactor: Any):
+    def __init__(self, settings: Settings, hub: Hub, reactor: Any, metrics: Metrics | None = None):
         install_codec()
         silence_txamqp_returnvalue_warning()
         self.settings = settings
@@ -317,8 +328,11 @@ class AMQPService(Service):
             settings.exchange, self.queue, reactor, grace=settings.unbind_grace, timeout=settings.bind_timeout
         )
         self.bindings.on_error = self._drop
+        self.metrics = metrics or Metrics()
         self.client: BrokerProtocol | None = None
         self.confirms: Confirms | None = None
+        self.channel: Any = None
+        self._setups = 0
         self._ready_waiters: list[Deferred[None]] = []
         self.consumed = 0
         self.dropped = 0
@@ -396,8 +410,11 @@ class AMQPService(Service):
             )
             client.transport.abortConnection()
             raise
-        self.client = client
+        self.client, self.channel = client, channel
         self.confirms = confirms
+        self._setups += 1
+        if self._setups > 1:
+            self.metrics.amqp_reconnects.inc()
         self.bindings.attach(channel)
         client.lost.addCallback(self._lost, client)
         self.log.info("consuming {queue} on {broker}", queue=self.queue, broker=str(self.address))
@@ -407,7 +424,7 @@ class AMQPService(Service):
 
     def _lost(self, _: None, client: BrokerProtocol) -> None:
         if self.client is client:
-            self.client = None
+            self.client = self.channel = None
             self.confirms = None
             self.bindings.detach()
             if self.running:
@@ -417,17 +434,28 @@ class AMQPService(Service):
         if self.client is not None:
             self.client.transport.abortConnection()
 
-    def _deliver(self, group: str, body: bytes) -> None:
+    def _deliver(self, group: str, body: bytes, received: float) -> None:
         self.consumed += 1
         try:
-            self.hub.publish(group, body)
+            reached = self.hub.publish(group, body)
         except InvalidBody as exc:
             self.dropped += 1
             self._bad_body_log.warn("dropped a message for {group}: {reason}", group=group, reason=str(exc))
+            return
+        if reached:
+            # One observation per message, after the hub wrote to every transport.
+            self.metrics.latency.observe(time.perf_counter() - received)
 
     @property
     def ready(self) -> bool:
         return self.client is not None
+
+    @property
+    def state(self) -> str:
+        """``connecting``, ``consuming``, ``stopping`` or ``stopped`` (for /readyz)."""
+        if self.running:
+            return "consuming" if self.client is not None else "connecting"
+        return "stopping" if self.client is not None else "stopped"
 
     def startService(self) -> None:
         super().startService()
@@ -435,18 +463,30 @@ class AMQPService(Service):
 
     async def _stop(self) -> None:
         self.bindings.stop()
-        client = self.client
+        client, channel = self.client, self.channel
         if client is not None:
-            # A clean connection.close lets the broker requeue unacknowledged messages at once.
+            # The websocket clients are gone by now (TowerService drains them first):
+            # deliveries still in flight are not acknowledged, and the clean channel
+            # and connection close below makes the broker requeue them at once.
+            client.holding = True
             try:
+                await _within(channel.basic_cancel(consumer_tag=self.queue), self.reactor)
+                await _within(channel.channel_close(reply_code=200, reply_text="shutting down"), self.reactor)
                 await client.close(within=2)
             except Exception as exc:
                 self.log.warn("closing the AMQP connection: {error}", error=_describe(exc))
+            else:
+                self.log.info("AMQP consumer cancelled, channel and connection closed")
         await self._service.stopService()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
         return Deferred.fromCoroutine(self._stop())
+
+
+def _within(d: Deferred[Any], clock: IReactorTime, seconds: float = 2.0) -> Deferred[Any]:
+    """``d``, failed with ``TimeoutError`` if the broker has not answered in time."""
+    return d.addTimeout(seconds, clock)
 
 
 def _describe(exc: BaseException) -> str:

@@ -69,6 +69,16 @@ def _strports(text: str) -> str:
     return text
 
 
+def _optional_strports(text: str) -> str | None:
+    return _strports(text) if text.strip() else None
+
+
+def _log_format(text: str) -> str:
+    if text not in ("text", "json"):
+        raise ValueError("must be text or json")
+    return text
+
+
 def _name(text: str) -> str:
     if not text or len(text) > 200 or any(c.isspace() for c in text):
         raise ValueError("must be a non-empty name without spaces")
@@ -245,6 +255,14 @@ class Settings:
     # -- broker: TLS and faults --
 
     # -- operations: metrics, logs, shutdown --
+    metrics_listen: str | None = option(
+        None, _optional_strports,
+        "serve /metrics, /healthz, /readyz here (e.g. tcp:9108:interface=127.0.0.1) instead of on listen",
+    )
+    log_format: str = option("text", _log_format, "log lines: text (twistd's format) or json (one object per line)")
+    drain_timeout: float = option(
+        10.0, _non_negative_float, "seconds shutdown waits for clients to leave after close 1001 (going away)"
+    )
 
     # -- publishing --
     publish_secret_file: SecretFile | None = option(

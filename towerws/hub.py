@@ -61,6 +61,9 @@ class Hub:
         self.listener = listener
         self._members: dict[str, set[Subscriber]] = {}
         self._groups: dict[Subscriber, frozenset[str]] = {}
+        # Totals for the metrics, counted per message, never per subscriber.
+        self.delivered_frames = 0
+        self.delivered_bytes = 0
 
     # -- queries ---------------------------------------------------------------
 
@@ -125,6 +128,8 @@ class Hub:
         frame = self._frame(body)
         # A copy: a delivery may end in a disconnect that edits the set.
         targets = tuple(members)
+        self.delivered_frames += len(targets)
+        self.delivered_bytes += len(frame) * len(targets)
         for subscriber in targets:
             try:
                 subscriber.deliver(frame)

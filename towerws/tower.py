@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from towerws.auth import AuthUnavailable, Credentials, Decision, User
+from towerws.metrics import Metrics
 
 ME_PATH = "/api/v2/me/"
 ID_PLACEHOLDER = "{id}"
@@ -197,8 +198,15 @@ class TTLCache(Generic[K, V]):
     go first once there are ``max_entries``.
     """
 
-    def __init__(self, clock: IReactorTime, ttl: Callable[[V], float], max_entries: int = MAX_CACHE_ENTRIES):
+    def __init__(
+        self,
+        clock: IReactorTime,
+        ttl: Callable[[V], float],
+        max_entries: int = MAX_CACHE_ENTRIES,
+        on_hit: Callable[[], object] = lambda: None,
+    ):
         self._clock = clock
+        self._on_hit = on_hit  # answered without a new computation (cached or shared)
         self._ttl = ttl
         self._max = max_entries
         self._entries: dict[K, tuple[float, V]] = {}
@@ -217,6 +225,7 @@ class TTLCache(Generic[K, V]):
         if entry is not None:
             expires, value = entry
             if self._clock.seconds() < expires:
+                self._on_hit()
                 return succeed(value)
             del self._entries[key]
         waiter: Deferred[V] = Deferred()
@@ -225,6 +234,7 @@ class TTLCache(Generic[K, V]):
             self._inflight[key] = waiters = [waiter]
             maybeDeferred(compute).addBoth(self._settle, key)
         else:
+            self._on_hit()
             waiters.append(waiter)
         return waiter
 
@@ -266,8 +276,11 @@ class Answer:
 class TowerAPI(Service):
     """GET requests to the Tower API with a caller's credentials; a service so its pool closes on stop."""
 
-    def __init__(self, base_url: str, timeout: float, reactor: Any, ca_file: str | None = None):
+    def __init__(
+        self, base_url: str, timeout: float, reactor: Any, ca_file: str | None = None, metrics: Metrics | None = None
+    ):
         self.base_url = base_url
+        self.metrics = metrics
         self.timeout = timeout
         self._clock: IReactorTime = reactor
         trust_root = load_trust_root(ca_file) if ca_file else None
@@ -304,7 +317,12 @@ class TowerAPI(Service):
             raise AuthUnavailable(f"answered HTTP {response.code}")
         return Answer(response.code, body)
 
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.auth_requests.labels(outcome).inc()
+
     def _available(self, answer: Answer) -> Answer:
+        self._count("ok" if answer.code == 200 else "unauthenticated")
         if self._failures:
             log.info("tower API {url} answers again ({failures} requests failed)", url=self.base_url,
                      failures=self._failures)
@@ -312,7 +330,9 @@ class TowerAPI(Service):
         return answer
 
     def _unavailable(self, failure: Failure, path: str) -> None:
-        reason = "timed out" if failure.check(DeferredTimeout) else failure.getErrorMessage() or failure.type.__name__
+        timed_out = failure.check(DeferredTimeout) is not None
+        self._count("timeout" if timed_out else "error")
+        reason = "timed out" if timed_out else failure.getErrorMessage() or failure.type.__name__
         self.failed(path, reason)
         raise AuthUnavailable(f"tower API unavailable: {reason}")
 
@@ -333,9 +353,18 @@ class TowerAPI(Service):
 class TowerAuthenticator:
     """``GET /api/v2/me/`` with the caller's credentials: 200 -> the user, 401/403 -> not authenticated."""
 
-    def __init__(self, api: TowerAPI, clock: IReactorTime, ttl: float, negative_ttl: float):
+    def __init__(
+        self,
+        api: TowerAPI,
+        clock: IReactorTime,
+        ttl: float,
+        negative_ttl: float,
+        on_cache_hit: Callable[[], object] = lambda: None,
+    ):
         self.api = api
-        self.cache: TTLCache[str, User | None] = TTLCache(clock, lambda u: ttl if u is not None else negative_ttl)
+        self.cache: TTLCache[str, User | None] = TTLCache(
+            clock, lambda u: ttl if u is not None else negative_ttl, on_hit=on_cache_hit
+        )
 
     def authenticate(self, credentials: Credentials) -> Deferred[User | None]:
         headers = forwarded_headers(credentials)

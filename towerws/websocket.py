@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import struct
+import time
 from typing import Any, Protocol
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -31,7 +32,8 @@ from twisted.python.failure import Failure
 from towerws.auth import AllowAll, Authenticator, Authorizer, AuthUnavailable, Credentials, User, origin_allowed
 from towerws.config import Settings
 from towerws.hub import Hub
-from towerws.limits import TOO_MANY_CONNECTIONS, ConnectionLimits, TokenBucket
+from towerws.limits import TOO_MANY_CONNECTIONS, TOO_MANY_USER_CONNECTIONS, ConnectionLimits, TokenBucket
+from towerws.metrics import Metrics
 from towerws.subscribe import (
     AccessDenied,
     InvalidMessage,
@@ -42,6 +44,7 @@ from towerws.subscribe import (
 
 PATHS = ("/websocket", "/websocket/")
 
+CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_UNAUTHORIZED = 4401
@@ -90,18 +93,26 @@ class TowerProtocol(WebSocketServerProtocol):
     #: authenticated and within the connection limits: may subscribe
     _admitted = False
     _closed = False
+    #: data frames sent (deliveries and replies), for the access log
+    frames_sent = 0
+    #: the X-Forwarded-For of a proxied handshake (the real client behind nginx)
+    forwarded_for: str | None = None
 
     # -- handshake -------------------------------------------------------------
 
     def onConnect(self, request: ConnectionRequest) -> Deferred[None]:
         if request.path not in PATHS:
+            self.factory.metrics.handshakes.labels("not_found").inc()
             raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "not found")
         if not origin_allowed(request.origin, request.host, self.factory.settings.allowed_origins):
             # Cross-site websocket hijacking: refused before any credential is looked at.
+            self.factory.metrics.handshakes.labels("origin_refused").inc()
             log.info("refused websocket from {peer}: origin {origin} not allowed", peer=self.peer,
                      origin=request.origin[:200])
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")
         self.conn_id = next(self.factory.ids)
+        self.opened_at = time.monotonic()
+        self.forwarded_for = request.headers.get("x-forwarded-for")
         if self.factory.limits.full():
             # It could not be admitted anyway: spare the authentication service.
             self._refusal = (CLOSE_TRY_AGAIN_LATER, TOO_MANY_CONNECTIONS)
@@ -123,16 +134,26 @@ class TowerProtocol(WebSocketServerProtocol):
         self._refusal = (CLOSE_TRY_AGAIN_LATER, "authentication service unavailable")
 
     def onOpen(self) -> None:
+        handshakes = self.factory.metrics.handshakes
+        if self.factory.draining:
+            handshakes.labels("shutting_down").inc()
+            self.sendCloseFrame(code=CLOSE_GOING_AWAY, reasonUtf8=b"server shutting down")
+            return
         if self._refusal is None and self.user is not None:
             over = self.factory.limits.admit(self.user.id)
             if over is None:
+                handshakes.labels("accepted").inc()
                 self._admit()
                 return
             self._refusal = (CLOSE_TRY_AGAIN_LATER, over)
         code, reason = self._refusal or (CLOSE_UNAUTHORIZED, "authentication failed")
+        if reason in (TOO_MANY_CONNECTIONS, TOO_MANY_USER_CONNECTIONS):
+            handshakes.labels("too_many_connections").inc()
+        else:
+            handshakes.labels("auth_unavailable" if code == CLOSE_TRY_AGAIN_LATER else "unauthenticated").inc()
         log.info("refused websocket {conn} from {peer}: {reason}", conn=self.conn_id, peer=self.peer, reason=reason)
-        self.sendMessage(_json({"accept": False, "user": None, "close": True, "error": reason}))
-        # sendClose() refuses 1013; the close-frame call takes any code.
+        self.send_json({"accept": False, "user": None, "close": True, "error": reason})
+        # sendClose() refuses 1013 (only 1000 and 3000-4999): the close-frame call takes any code.
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"))
 
     def _admit(self) -> None:
@@ -144,17 +165,26 @@ class TowerProtocol(WebSocketServerProtocol):
         log.info(
             "websocket {conn} open for user {user} from {peer}", conn=self.conn_id, user=self.user.id, peer=self.peer
         )
-        self.sendMessage(_json({"accept": True, "user": self.user.id}))
+        self.send_json({"accept": True, "user": self.user.id})
+
+    def go_away(self) -> None:
+        """Shutdown: close 1001 (going away); well-behaved clients reconnect elsewhere."""
+        # Not Autobahn's close-handshake timer (1 s): the factory's drain timer
+        # drops whoever has not answered within the drain timeout.
+        self.closeHandshakeTimeout = 0
+        self.sendCloseFrame(code=CLOSE_GOING_AWAY, reasonUtf8=b"server shutting down")
 
     # -- fan-out ---------------------------------------------------------------
 
     def deliver(self, frame: bytes) -> None:
         if self.state == _OPEN:
             self.transport.write(frame)
+            self.frames_sent += 1
 
     def send_json(self, obj: Any) -> None:
         if self.state == _OPEN:
             self.sendMessage(_json(obj))
+            self.frames_sent += 1
 
     # -- client messages -------------------------------------------------------
 
@@ -181,16 +211,20 @@ class TowerProtocol(WebSocketServerProtocol):
     async def _handle(self, payload: bytes) -> None:
         assert self.user is not None and self.credentials is not None
         settings = self.factory.settings
+        outcomes = self.factory.metrics.subscribes
         try:
             request = parse_groups_message(payload.decode("utf-8"), settings.groups, self.user.id)
         except (InvalidMessage, AccessDenied) as exc:
+            outcomes.labels("invalid" if isinstance(exc, InvalidMessage) else "denied").inc()
             self.send_json({"error": str(exc)})
             return
         if not self.credentials.xrftoken_matches(request.xrftoken):
             # A cookie-authenticated page proves it is same-site, or nothing changes (AWX's rule).
+            outcomes.labels("denied").inc()
             self.send_json({"error": "access denied to channel"})
             return
         if len(request.groups) > settings.max_groups_per_connection:
+            outcomes.labels("denied").inc()
             self.send_json({"error": "too many groups"})
             return
         decision = await self.factory.authorizer.authorize(self.user, self.credentials, request.groups)
@@ -202,7 +236,11 @@ class TowerProtocol(WebSocketServerProtocol):
         try:
             await self.factory.bus.when_bound(change.joined)
         except BrokerUnavailable:
+            outcomes.labels("broker_unavailable").inc()
             self.send_json({"error": "broker unavailable"})
+        else:
+            denied = request.denied or decision.denied or decision.unavailable
+            outcomes.labels("partly_denied" if denied else "ok").inc()
         self.send_json({"groups_current": change.current, "groups_left": change.left, "groups_joined": change.joined})
 
     # -- teardown --------------------------------------------------------------
@@ -211,17 +249,26 @@ class TowerProtocol(WebSocketServerProtocol):
         if self._closed:
             return
         self._closed = True
+        groups = 0
         if self._admitted:
             assert self.user is not None
             self.factory.limits.release(self.user.id)
-            self.factory.connections.discard(self)
-            self.factory.hub.remove(self)
+            self.factory.connection_gone(self)
+            groups = len(self.factory.hub.remove(self))
+        if hasattr(self, "conn_id"):
+            # The access log: one line per websocket session, whatever its outcome.
             log.info(
-                "websocket {conn} closed for user {user} from {peer}: code {code}",
+                "websocket {conn} closed: user {user} from {peer}, {duration_s}s, {groups} groups, "
+                "{frames} frames sent, close code {code}",
                 conn=self.conn_id,
-                user=self.user.id,
+                user=self.user.id if self.user is not None else None,
                 peer=self.peer,
+                forwarded_for=self.forwarded_for,
+                duration_s=round(time.monotonic() - self.opened_at, 3),
+                groups=groups,
+                frames=self.frames_sent,
                 code=code,
+                clean=wasClean,
             )
 
     def __repr__(self) -> str:
@@ -239,6 +286,7 @@ class TowerFactory(WebSocketServerFactory):
         authenticator: Authenticator,
         authorizer: Authorizer | None = None,
         clock: IReactorTime | None = None,
+        metrics: Metrics | None = None,
     ):
         super().__init__()
         if clock is None:
@@ -250,7 +298,11 @@ class TowerFactory(WebSocketServerFactory):
         self.authorizer: Authorizer = authorizer or AllowAll()
         self.clock = clock
         self.limits = ConnectionLimits(settings.max_connections, settings.max_connections_per_user)
+        self.metrics = metrics or Metrics()
         self.connections: set[TowerProtocol] = set()
+        #: set at shutdown: handshakes still completing are closed with 1001
+        self.draining = False
+        self._drained: list[Deferred[None]] = []
         self.ids = itertools.count(1)
         self.setProtocolOptions(
             # Protocol violations get the standard close code on the wire (1003,
@@ -264,3 +316,40 @@ class TowerFactory(WebSocketServerFactory):
             # Origins are checked in onConnect (403); let "null" reach that check too.
             allowNullOrigin=True,
         )
+
+    def connection_gone(self, protocol: TowerProtocol) -> None:
+        self.connections.discard(protocol)
+        if not self.connections:
+            waiters, self._drained = self._drained, []
+            for d in waiters:
+                d.callback(None)
+
+    def drain(self, timeout: float, clock: IReactorTime) -> Deferred[None]:
+        """Shutdown: close every client with 1001; fires once all are gone.
+
+        A client still there after ``timeout`` seconds is dropped.
+        """
+        self.draining = True
+        if not self.connections:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        for protocol in list(self.connections):
+            protocol.go_away()
+
+        def too_late() -> None:
+            for protocol in list(self.connections):
+                log.warn("websocket {conn} did not leave in time; dropping it", conn=protocol.conn_id)
+                protocol.dropConnection(abort=True)
+            # Aborted connections are gone for good; their onClose follows shortly.
+            waiters, self._drained = self._drained, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+        call = clock.callLater(timeout, too_late)
+
+        def done(result: None) -> None:
+            if call.active():
+                call.cancel()
+
+        return d.addCallback(done)

@@ -13,6 +13,8 @@ from towerws import config
 
 
 class Options(usage.Options):
+    #: twistd's own options (--nodaemon, --logfile, ...), set by usage when run as a sub-command
+    parent: usage.Options | None = None
     synopsis = "[options]"
     longdesc = (
         "Live-update websocket server for Ansible Tower / AWX. Each option can also be set "
@@ -43,7 +45,11 @@ class Options(usage.Options):
                 cli[f.name] = "true" if cli[f.name] else None  # absent: environment, file or default
         try:
             self.settings = config.load(cli, config_file=self["config"])
-        except config.ConfigError as exc:
+            if self.settings.log_format == "json" and self.parent is not None:
+                from towerws.logs import check_twistd_options
+
+                check_twistd_options(self.parent)
+        except (config.ConfigError, ValueError) as exc:
             raise usage.UsageError(str(exc)) from None
 
 
@@ -56,7 +62,13 @@ class TowerServiceMaker:
     def makeService(self, options: Options):
         from towerws.app import make_service
 
-        return make_service(options.settings)
+        service = make_service(options.settings)
+        if options.settings.log_format == "json" and options.parent is not None:
+            from towerws.logs import json_observer, twistd_log_file
+
+            # Written where twistd would write its text log; see TowerService.setServiceParent.
+            service.log_observer = json_observer(twistd_log_file(options.parent), options.settings.node_id)
+        return service
 
 
 serviceMaker = TowerServiceMaker()
