@@ -258,8 +258,11 @@ def delete_queue(name: str) -> None:
         conn.channel().queue_delete(name)
 
 
-async def start_server(options: dict[str, str]) -> Server:
-    """Build the service through the twistd plugin's makeService and start it."""
+async def start_server(options: dict[str, str], ready: bool = True) -> Server:
+    """Build the service through the twistd plugin's makeService and start it.
+
+    With ``ready`` (default) it returns once the node consumes its queue.
+    """
     from twisted.plugins.towerws_plugin import serviceMaker
 
     opts = serviceMaker.options()
@@ -270,7 +273,8 @@ async def start_server(options: dict[str, str]) -> Server:
     service = serviceMaker.makeService(opts)
     service.startService()
     port = await wait(service.listening())
-    await wait(service.bus.when_ready())
+    if ready:
+        await wait(service.bus.when_ready())
     return Server(service, port.getHost().port)
 
 
@@ -283,8 +287,8 @@ def server_factory(exchange: str, tokens_file: str) -> Any:
     """Start in-process servers with extra options; all are stopped and their queues deleted."""
     started: list[Server] = []
 
-    async def make(**extra: Any) -> Server:
-        server = await start_server(server_options(exchange, tokens_file, **extra))
+    async def make(ready: bool = True, **extra: Any) -> Server:
+        server = await start_server(server_options(exchange, tokens_file, **extra), ready)
         started.append(server)
         return server
 
