@@ -217,6 +217,17 @@ def test_missed_heartbeats_drop_the_connection_with_a_reason() -> None:
     assert describe(reasons[0]) == "no traffic from the broker for 3 s (heartbeat)"
 
 
+def test_channel_closed_by_the_broker_drops_the_connection() -> None:
+    proto, transport, _, _ = connected_protocol()
+    reasons: list[Any] = []
+    proto.lost.addCallback(reasons.append)
+    channel = proto.channelFactory(1, proto.outgoing, proto)
+    channel.do_close(_close("channel_close", 406, "PRECONDITION_FAILED - unknown delivery tag 7"))
+    assert transport.disconnected  # otherwise consumption would silently stop
+    proto.connectionLost(Failure(error.ConnectionAborted()))
+    assert describe(reasons[0]) == "channel closed by the broker: 406 PRECONDITION_FAILED - unknown delivery tag 7"
+
+
 def test_client_properties_ask_for_auth_failure_close() -> None:
     proto, transport, _, _ = connected_protocol()
     proto.response, proto.mechanism, proto.locale = "\0u\0p", "PLAIN", "en_US"
@@ -272,7 +283,7 @@ def _close(method: str, code: int, text: str) -> Message:
          "authentication refused: 403 ACCESS_REFUSED - Login was refused"),
         (Closed(_close("connection_close", 530, "NOT_ALLOWED - vhost x not found")), "access refused: 530 NOT_ALLOWED"),
         (Closed(_close("channel_close", 406, "PRECONDITION_FAILED - inequivalent arg")),
-         "setup failed: 406 PRECONDITION_FAILED"),
+         "channel closed by the broker: 406 PRECONDITION_FAILED"),
         (_close("connection_close", 320, "CONNECTION_FORCED - shutdown"), "closed by the broker: 320 CONNECTION_FORCED"),
         (Closed(Failure(error.ConnectionLost())), "connection lost"),
         (error.ConnectionDone(), "connection closed"),

@@ -19,7 +19,7 @@ import pytest
 import pytest_twisted
 
 from brokerproxy import BrokerProxy
-from conftest import AMQP_URL, Client, Server, aio, aio_test, connect, wait
+from conftest import AMQP_URL, Client, Server, aio, aio_test, connect, unique, wait
 from logcapture import LogCapture
 
 
@@ -204,6 +204,29 @@ async def test_each_failed_attempt_logged_once_without_password(server_factory) 
     assert len(failures) == log.count("Scheduling retry")  # one line per attempt
     assert not any(password in line for line in log.lines)
     assert not server.service.bus.ready
+
+
+@aio_test
+async def test_refused_setup_is_logged_and_retried_until_it_works(server_factory) -> None:
+    node = unique("setup")
+
+    def declare(max_length: int | None) -> None:
+        with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as conn:
+            if max_length is None:
+                conn.channel().queue_delete(f"towerws.{node}")
+            else:  # as an earlier run of this node with other settings left it
+                conn.channel().queue_declare(f"towerws.{node}", durable=True, arguments={"x-max-length": max_length})
+
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, declare, 5)
+    with LogCapture() as log:
+        server = await server_factory(ready=False, node_id=node, reconnect_max_delay=0.3)
+        await log.wait_for("cannot connect to the broker", count=2)
+        assert not server.service.bus.ready
+        await loop.run_in_executor(None, declare, None)
+        await wait(server.service.bus.when_ready(), timeout=30)
+    failure = log.matching("cannot connect to the broker")[0]
+    assert "channel closed by the broker: 406 PRECONDITION_FAILED - inequivalent arg" in failure
 
 
 @aio_test

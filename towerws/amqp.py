@@ -70,14 +70,17 @@ class RateLimitedLog:
 
 
 class BrokerDelegate(TwistedDelegate):
-    """Announces towerws to the broker, and asks for a ``connection.close`` on refused logins."""
+    """Names the connection for the broker's admin tools and asks for the two notices we act on."""
 
     def __init__(self, connection_name: str):
         super().__init__()
         self.properties = {
             "product": "towerws",
             "connection_name": connection_name,
-            # Without it RabbitMQ answers bad credentials by just dropping the socket.
+            # authentication_failure_close: a refused login gets a connection.close
+            # saying so (otherwise RabbitMQ just drops the socket);
+            # consumer_cancel_notify: a deleted queue gets a basic.cancel (otherwise
+            # consumption would silently stop).
             "capabilities": {"authentication_failure_close": True, "consumer_cancel_notify": True},
         }
 
@@ -187,7 +190,8 @@ class BrokerProtocol(AMQClient):
         super().do_close(reason)
 
     def check_heartbeat(self) -> None:
-        self._close_reason = f"no traffic from the broker for {self.heartbeatInterval * self.MAX_UNSEEN_HEARTBEAT} s (heartbeat)"
+        silent = self.heartbeatInterval * self.MAX_UNSEEN_HEARTBEAT
+        self._close_reason = f"no traffic from the broker for {silent} s (heartbeat)"
         super().check_heartbeat()
 
     def channel_failed(self, channel: Any, reason: Failure) -> None:

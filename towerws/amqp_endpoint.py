@@ -100,7 +100,7 @@ class _Gate(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.proxy.dataReceived(data)
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         if self.is_open:
             self.proxy.connectionLost(reason)
         else:
@@ -222,8 +222,7 @@ def describe(reason: BaseException | Failure | Message | str | None) -> str:
         what = {
             403: "authentication refused",
             530: "access refused",
-            320: "closed by the broker",
-        }.get(code, "refused by the broker" if reply.method.klass.name == "connection" else "setup failed")
+        }.get(code, "closed by the broker" if reply.method.klass.name == "connection" else "channel closed by the broker")
         return f"{what}: {code} {text}"
     if isinstance(reason, Closed) and reason.args:
         return describe(reason.args[0])
