@@ -247,11 +247,10 @@ async def test_publishing_channel_lost_gives_503_then_node_recovers(api_server: 
             conn.channel().exchange_delete(exchange)
 
     await asyncio.to_thread(delete_exchange)
+    client = bus.client
     code, body, _ = await post(api_server, {"group": "jobs-summary", "payload": 1})
     assert code == 503 and "404 NOT_FOUND - no exchange" in body["error"]
-    # The next publish finds the channel dead and reconnects the node, which declares the exchange again.
-    client = bus.client
-    assert (await post(api_server, {"group": "jobs-summary", "payload": 2}))[0] == 503
+    # A channel the broker closed costs the connection: the node reconnects and declares the exchange again.
     await wait(client.lost)
     await wait(bus.when_ready())
     await wait(bus.when_bound(["jobs-summary"]))

@@ -7,13 +7,15 @@
 * :class:`Bindings` -- binds the queue to each group the hub reports active and
   unbinds it a grace period after the group's last subscriber left; one operation
   in flight per group, re-applied on every new connection.
-* :class:`AMQPService` -- ``ClientService`` with exponential backoff: connect,
-  declare exchange and queue, re-bind, consume; forever.  It is also the node's
-  bus: a second channel in confirm mode publishes for the HTTP publish API.
+* :class:`AMQPService` -- ``ClientService`` with exponential backoff and jitter:
+  connect (TCP or TLS, :mod:`towerws.amqp_endpoint`), declare exchange and queue,
+  re-bind, consume; forever.  It is also the node's bus: a second channel in
+  confirm mode publishes for the HTTP publish API.
 
-Queue ``towerws.<node-id>`` is neither exclusive nor auto-delete: it outlives a
-dropped connection (``x-expires``) so messages routed while the connection was
-down are delivered after reconnect, bounded by ``x-max-length`` (drop-head).
+Queue ``towerws.<node-id>`` is durable, neither exclusive nor auto-delete: it
+outlives a dropped connection and a broker restart (``x-expires``), so messages
+routed while the connection was down are delivered after reconnect, bounded by
+``x-max-length`` (drop-head).
 """
 
 from __future__ import annotations
@@ -23,18 +25,18 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.application.service import Service
-from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txamqp.protocol import AMQClient
 
+from towerws.amqp_endpoint import SetUpEndpoint, broker_endpoint, describe, retry_delays
 from towerws.amqpspec import install_codec, load_spec, silence_txamqp_returnvalue_warning
-from towerws.config import AMQPAddress, Settings
+from towerws.config import Settings
 from towerws.confirms import ConfirmDelegate, Confirms, PublishError
 from towerws.hub import Hub, InvalidBody
 from towerws.metrics import Metrics
@@ -51,11 +53,6 @@ _DELIVER = b"\x00\x3c\x00\x3c"  # class 60 (basic), method 60 (deliver)
 def ack_frame(channel: int, delivery_tag: int) -> bytes:
     """``basic.ack`` with ``multiple=true``: everything up to ``delivery_tag``."""
     return _HEADER.pack(1, channel, 13) + struct.pack("!HHQB", 60, 80, delivery_tag, 1) + b"\xce"
-
-
-def broker_endpoint(reactor: Any, address: AMQPAddress) -> IStreamClientEndpoint:
-    """Where to connect for ``address`` (shared by the consumer and :mod:`towerws.publish`)."""
-    return endpoints.HostnameEndpoint(reactor, address.host, address.port, timeout=10)
 
 
 class RateLimitedLog:
@@ -76,6 +73,36 @@ class RateLimitedLog:
         self._next = now + self._interval
 
 
+class BrokerDelegate(ConfirmDelegate):
+    """Names the connection for the broker's admin tools, asks for the two notices we act on,
+    and settles publisher confirms (:mod:`towerws.confirms`)."""
+
+    def __init__(self, connection_name: str):
+        super().__init__()
+        self.properties = {
+            "product": "towerws",
+            "connection_name": connection_name,
+            # authentication_failure_close: a refused login gets a connection.close
+            # saying so (otherwise RabbitMQ just drops the socket);
+            # consumer_cancel_notify: a deleted queue gets a basic.cancel (otherwise
+            # consumption would silently stop).
+            "capabilities": {"authentication_failure_close": True, "consumer_cancel_notify": True},
+        }
+
+    def connection_start(self, ch: Any, msg: Any) -> None:
+        ch.connection_start_ok(
+            client_properties=self.properties,
+            mechanism=self.client.mechanism,
+            response=self.client.response,
+            locale=self.client.locale,
+        )
+
+    def basic_cancel(self, ch: Any, msg: Any) -> None:
+        # The queue is gone (deleted by hand, or a broker node failed): a new
+        # connection declares it again and re-binds.
+        self.client.drop("the broker cancelled the consumer (queue deleted?)")
+
+
 class BrokerProtocol(AMQClient):
     """txAMQP client with a fast path for ``basic.deliver`` on :data:`CHANNEL`."""
 
@@ -87,11 +114,18 @@ class BrokerProtocol(AMQClient):
     holding = False
 
     def __init__(
-        self, on_delivery: Callable[[str, bytes, float], None], vhost: str, heartbeat: int, clock: IReactorTime
+        self,
+        on_delivery: Callable[[str, bytes, float], None],
+        vhost: str,
+        heartbeat: int,
+        clock: IReactorTime,
+        connection_name: str = "towerws",
     ):
-        super().__init__(ConfirmDelegate(), vhost, load_spec(), heartbeat=heartbeat, clock=clock)
+        super().__init__(BrokerDelegate(connection_name), vhost, load_spec(), heartbeat=heartbeat, clock=clock)
         self.on_delivery = on_delivery
-        self.lost: Deferred[None] = Deferred()
+        #: fires with the reason (for the log) when the connection is gone
+        self.lost: Deferred[object] = Deferred()
+        self._close_reason: object = None
         self._buffer = bytearray()
         self._delivery: list[Any] | None = None  # [tag, routing key, size, received, chunks]
         self._last_tag = 0
@@ -118,7 +152,7 @@ class BrokerProtocol(AMQClient):
             # A frame we cannot read leaves the stream unusable: drop the connection
             # (ClientService reconnects); unacknowledged deliveries are redelivered.
             self.log.failure("unreadable AMQP frame from the broker; reconnecting")
-            self.transport.abortConnection()
+            self.drop("unreadable frame")
             return
         finally:
             del buf[:pos]
@@ -161,10 +195,34 @@ class BrokerProtocol(AMQClient):
             self.on_delivery(delivery[1], body, self._read_started)
         return True
 
+    def do_close(self, reason: object) -> None:
+        # The broker's connection.close (e.g. 320 CONNECTION_FORCED) says more than the TCP close after it.
+        if self._close_reason is None:
+            self._close_reason = reason
+        super().do_close(reason)
+
+    def check_heartbeat(self) -> None:
+        silent = self.heartbeatInterval * self.MAX_UNSEEN_HEARTBEAT
+        self._close_reason = f"no traffic from the broker for {silent} s (heartbeat)"
+        super().check_heartbeat()
+
+    def channel_failed(self, channel: Any, reason: Failure) -> None:
+        # The broker closed our only channel (a channel error): without a new
+        # connection nothing would be consumed any more.
+        self.drop(describe(reason))
+
+    def drop(self, reason: str) -> None:
+        """Abort the connection (the service reconnects); ``reason`` is what the log will say."""
+        self._close_reason = self._close_reason or reason
+        self.transport.abortConnection()
+
     def connectionLost(self, reason: Failure) -> None:
-        super().connectionLost(reason)
+        # ``lost`` first: the service detaches the bindings before txAMQP fails the
+        # operations still in flight on the dead channel.
         if not self.lost.called:
-            self.lost.callback(None)
+            # Never a Failure: callback(Failure) would take the errback path.
+            self.lost.callback(self._close_reason or reason.value)
+        super().connectionLost(reason)
 
 
 class _Waiter:
@@ -241,7 +299,9 @@ class Bindings:
     # -- waiting for bindings --------------------------------------------------
 
     def when_bound(self, groups: Iterable[str]) -> Deferred[None]:
-        missing = {g for g in groups if g not in self.bound}
+        # A bound group with an operation in flight is being unbound (a bind only
+        # starts when unbound): it is not ready until the re-bind after it.
+        missing = {g for g in groups if g not in self.bound or g in self._busy}
         if not missing:
             return succeed(None)
         waiter = _Waiter(missing)
@@ -304,7 +364,7 @@ class Bindings:
                 "AMQP {op} of group {group} failed: {error}; reconnecting",
                 op="bind" if bind else "unbind",
                 group=group,
-                error=failure.getErrorMessage(),
+                error=describe(failure),
             )
             self.on_error()
 
@@ -338,12 +398,13 @@ class AMQPService(Service):
         self.dropped = 0
         self._bad_body_log = RateLimitedLog(self.log, reactor)
         factory = Factory.forProtocol(self._build_protocol)
+        # The endpoint's connect() includes the AMQP setup (see amqp_endpoint.SetUpEndpoint).
+        endpoint = SetUpEndpoint(self._endpoint(), self._set_up, str(self.address), reactor)
         self._service = ClientService(
-            self._endpoint(),
+            endpoint,
             factory,
-            retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=settings.reconnect_max_delay),
+            retryPolicy=retry_delays(initial=0.5, cap=settings.reconnect_max_delay),
             clock=reactor,
-            prepareConnection=self._prepare,
         )
 
     # The websocket side asks the bus; the bus is these bindings.
@@ -370,48 +431,41 @@ class AMQPService(Service):
             self._drop()  # the publishing channel died: a new connection brings a new one
         return confirms.publish(group, body)
 
-    @property
-    def state(self) -> str:
-        """``consuming`` or ``connecting`` (for readiness reports)."""
-        return "consuming" if self.client is not None else "connecting"
-
     def _endpoint(self) -> Any:
-        return broker_endpoint(self.reactor, self.address)
+        s, a = self.settings, self.address
+        return broker_endpoint(self.reactor, a.host, a.port, a.tls, s.amqp_ca_file, s.amqp_cert_file, s.amqp_key_file)
 
     def _build_protocol(self) -> BrokerProtocol:
-        return BrokerProtocol(self._deliver, self.address.vhost, self.settings.amqp_heartbeat, self.reactor)
+        return BrokerProtocol(
+            self._deliver, self.address.vhost, self.settings.amqp_heartbeat, self.reactor, f"towerws {self.queue}"
+        )
 
-    async def _prepare(self, proxy: Any) -> None:
-        client: BrokerProtocol = proxy._protocol
+    async def _set_up(self, client: BrokerProtocol) -> None:
+        """Run on each new connection; a failure fails the attempt (logged and retried by the endpoint)."""
         s = self.settings
-        try:
-            await client.start(f"\0{self.address.username}\0{self.address.password}", mechanism="PLAIN")
-            channel = await client.channel(CHANNEL)
-            await channel.channel_open()
-            await channel.exchange_declare(exchange=s.exchange, type="topic", durable=True)
-            await channel.queue_declare(
-                queue=self.queue,
-                durable=False,
-                exclusive=False,
-                auto_delete=False,
-                arguments={
-                    "x-expires": int(s.queue_expires * 1000),
-                    "x-max-length": s.queue_max_length,
-                    "x-overflow": "drop-head",
-                },
-            )
-            await channel.basic_qos(prefetch_count=s.prefetch)
-            confirms = await Confirms.open(client, PUBLISH_CHANNEL, s.exchange, self.reactor, s.publish_timeout)
-            client.consuming = True
-            await channel.basic_consume(queue=self.queue, consumer_tag=self.queue, no_ack=False)
-        except Exception as exc:
-            self.log.warn(
-                "AMQP setup on {broker} failed: {error}", broker=str(self.address), error=_describe(exc)
-            )
-            client.transport.abortConnection()
-            raise
-        self.client, self.channel = client, channel
-        self.confirms = confirms
+        await client.start(f"\0{self.address.username}\0{self.address.password}", mechanism="PLAIN")
+        channel = await client.channel(CHANNEL)
+        await channel.channel_open()
+        await channel.exchange_declare(exchange=s.exchange, type="topic", durable=True)
+        # Durable, so the queue and its bindings (to the durable exchange) also
+        # survive a broker restart: messages published before this node is back
+        # wait for it instead of going nowhere.
+        await channel.queue_declare(
+            queue=self.queue,
+            durable=True,
+            exclusive=False,
+            auto_delete=False,
+            arguments={
+                "x-expires": int(s.queue_expires * 1000),
+                "x-max-length": s.queue_max_length,
+                "x-overflow": "drop-head",
+            },
+        )
+        await channel.basic_qos(prefetch_count=s.prefetch)
+        confirms = await Confirms.open(client, PUBLISH_CHANNEL, s.exchange, self.reactor, s.publish_timeout)
+        client.consuming = True
+        await channel.basic_consume(queue=self.queue, consumer_tag=self.queue, no_ack=False)
+        self.client, self.channel, self.confirms = client, channel, confirms
         self._setups += 1
         if self._setups > 1:
             self.metrics.amqp_reconnects.inc()
@@ -422,17 +476,20 @@ class AMQPService(Service):
         for d in waiters:
             d.callback(None)
 
-    def _lost(self, _: None, client: BrokerProtocol) -> None:
+    def _lost(self, reason: object, client: BrokerProtocol) -> None:
         if self.client is client:
-            self.client = self.channel = None
-            self.confirms = None
+            self.client = self.channel = self.confirms = None
             self.bindings.detach()
             if self.running:
-                self.log.warn("lost the connection to {broker}; reconnecting", broker=str(self.address))
+                self.log.warn(
+                    "lost the connection to {broker}: {reason}; reconnecting",
+                    broker=str(self.address),
+                    reason=describe(reason),  # type: ignore[arg-type]
+                )
 
     def _drop(self) -> None:
         if self.client is not None:
-            self.client.transport.abortConnection()
+            self.client.drop("a binding failed")
 
     def _deliver(self, group: str, body: bytes, received: float) -> None:
         self.consumed += 1
@@ -441,6 +498,11 @@ class AMQPService(Service):
         except InvalidBody as exc:
             self.dropped += 1
             self._bad_body_log.warn("dropped a message for {group}: {reason}", group=group, reason=str(exc))
+            return
+        except Exception:
+            # A bug must not turn one message into a reconnect-and-redeliver loop.
+            self.dropped += 1
+            self.log.failure("dispatching a message for {group} failed", group=group)
             return
         if reached:
             # One observation per message, after the hub wrote to every transport.
@@ -474,7 +536,7 @@ class AMQPService(Service):
                 await _within(channel.channel_close(reply_code=200, reply_text="shutting down"), self.reactor)
                 await client.close(within=2)
             except Exception as exc:
-                self.log.warn("closing the AMQP connection: {error}", error=_describe(exc))
+                self.log.warn("closing the AMQP connection: {error}", error=describe(exc))
             else:
                 self.log.info("AMQP consumer cancelled, channel and connection closed")
         await self._service.stopService()
@@ -487,13 +549,3 @@ class AMQPService(Service):
 def _within(d: Deferred[Any], clock: IReactorTime, seconds: float = 2.0) -> Deferred[Any]:
     """``d``, failed with ``TimeoutError`` if the broker has not answered in time."""
     return d.addTimeout(seconds, clock)
-
-
-def _describe(exc: BaseException) -> str:
-    """One line for an AMQP error: txAMQP wraps broker replies in Message objects."""
-    reason = exc.args[0] if exc.args else exc
-    args = getattr(reason, "args", None)
-    if hasattr(reason, "method") and args:
-        # connection.close / channel.close carry (reply-code, reply-text, ...)
-        return f"{args[0]} {args[1]}"
-    return str(reason) or type(exc).__name__

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from towerws import tower
+from towerws import amqp_endpoint
 from towerws.auth import TokenFile
 from towerws.auth import allowed_origins as parse_origins
 from towerws.subscribe import Allowlist
@@ -253,6 +254,13 @@ class Settings:
     max_connections: int = option(10000, _positive_int, "open websockets in total (more: close 1013)")
 
     # -- broker: TLS and faults --
+    amqp_ca_file: str | None = option(
+        None, amqp_endpoint.check_ca_file, "PEM CA certificate(s) trusted for amqps:// (default: the system's trust store)"
+    )
+    amqp_cert_file: str | None = option(
+        None, amqp_endpoint.check_cert_file, "PEM client certificate for amqps:// (may hold its key too)"
+    )
+    amqp_key_file: str | None = option(None, amqp_endpoint.check_key_file, "PEM private key of --amqp-cert-file (unencrypted)")
 
     # -- operations: metrics, logs, shutdown --
     metrics_listen: str | None = option(
@@ -359,9 +367,25 @@ def load(
             values[key] = _parse(key, from_file[key], f"config file {config_file}")
     settings = Settings(**values)
     _check_tower_options(settings)
+    _check_amqp_tls(settings)
     if settings.node_id is None:
         settings = dataclasses.replace(settings, node_id=default_node_id())
     return settings
+
+
+def _check_amqp_tls(s: Settings) -> None:
+    """The TLS files only make sense together with amqps://, and a key needs its certificate."""
+    given = [k for k in ("amqp_ca_file", "amqp_cert_file", "amqp_key_file") if getattr(s, k) is not None]
+    if given and not s.amqp_url.tls:
+        raise ConfigError(f"--{cli_name(given[0])}: given, but --amqp-url is not amqps:// (no plaintext with TLS files)")
+    if s.amqp_key_file is not None and s.amqp_cert_file is None:
+        raise ConfigError("--amqp-key-file: given without --amqp-cert-file")
+    if s.amqp_cert_file is not None:
+        try:
+            amqp_endpoint.check_client_certificate(s.amqp_cert_file, s.amqp_key_file)
+        except ValueError as exc:
+            option = "--amqp-key-file" if s.amqp_key_file else "--amqp-cert-file"
+            raise ConfigError(f"{option}: {exc}") from None
 
 
 def shown_default(fld: dataclasses.Field) -> str:

@@ -30,7 +30,8 @@ from twisted.internet.endpoints import connectProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from towerws.amqp import BrokerProtocol, _describe, broker_endpoint
+from towerws.amqp import BrokerProtocol
+from towerws.amqp_endpoint import broker_endpoint, describe
 from towerws.amqpspec import install_codec, silence_txamqp_returnvalue_warning
 from towerws.bus import check_message
 from towerws.config import AMQPAddress, amqp_address
@@ -83,11 +84,11 @@ class Publisher:
         # A publisher never consumes: every frame takes BrokerProtocol's generic path.
         client = BrokerProtocol(_no_delivery, address.vhost, heartbeat, reactor)
         try:
-            await connectProtocol(broker_endpoint(reactor, address), client)
+            await connectProtocol(broker_endpoint(reactor, address.host, address.port, address.tls), client)
         except CancelledError:
             raise
         except Exception as exc:
-            raise PublishError(f"cannot connect to the AMQP broker {address}: {_describe(exc)}") from None
+            raise PublishError(f"cannot connect to the AMQP broker {address}: {describe(exc)}") from None
         try:
             await client.start(f"\0{address.username}\0{address.password}", mechanism="PLAIN")
             confirms = await Confirms.open(client, CHANNEL, exchange, reactor, timeout)
@@ -95,7 +96,7 @@ class Publisher:
             client.transport.abortConnection()
             if isinstance(exc, CancelledError):
                 raise  # the timeout: reported as such by connect()
-            raise PublishError(f"AMQP setup on {address} failed: {_describe(exc)}") from None
+            raise PublishError(f"AMQP setup on {address} failed: {describe(exc)}") from None
         return cls(client, confirms, address)
 
     def publish(self, group: str, body: bytes) -> Deferred[None]:
@@ -110,7 +111,7 @@ class Publisher:
         try:
             await self.client.close(within=2)
         except Exception as exc:
-            self.log.warn("closing the AMQP connection: {error}", error=_describe(exc))
+            self.log.warn("closing the AMQP connection: {error}", error=describe(exc))
         self.client.transport.loseConnection()
         await self.client.lost
 
@@ -119,5 +120,5 @@ class Publisher:
         return Deferred.fromCoroutine(self._close())
 
 
-def _no_delivery(group: str, body: bytes) -> None:
+def _no_delivery(group: str, body: bytes, received: float) -> None:
     raise AssertionError("a publisher's connection consumes nothing")
