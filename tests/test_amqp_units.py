@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, su
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from txamqp.client import Closed
@@ -22,7 +23,7 @@ from txamqp.message import Message
 from zope.interface import implementer
 
 from logcapture import LogCapture
-from towerws.amqp import BrokerProtocol, Bindings, ack_frame
+from towerws.amqp import BrokerProtocol, Bindings, RateLimitedLog, ack_frame
 from towerws.amqp_endpoint import SetUpEndpoint, describe, retry_delays
 from towerws.amqpspec import install_codec, load_spec
 from towerws.websocket import BrokerUnavailable
@@ -168,6 +169,19 @@ def test_failed_operation_asks_for_a_new_connection() -> None:
         ch.ops[0][2].errback(Failure(ValueError("boom")))
     assert dropped == [True]
     assert log.count("AMQP bind of group g failed: ValueError: boom; reconnecting") == 1
+
+
+def test_rate_limited_log_holds_back_and_counts() -> None:
+    events: list[dict] = []
+    clock = Clock()
+    limited = RateLimitedLog(Logger(observer=events.append), clock, interval=10)
+    for _ in range(5):
+        limited.warn("bad body for {group}", group="g")
+    clock.advance(10)
+    limited.warn("bad body for {group}", group="g")
+    assert len(events) == 2
+    assert events[0]["log_level"] == LogLevel.warn and events[0]["suppressed"] == 0
+    assert events[1]["suppressed"] == 4
 
 
 # -- BrokerProtocol ---------------------------------------------------------------------------------
