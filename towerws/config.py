@@ -285,6 +285,10 @@ class Settings:
     console: bool = flag("serve the live console at GET /console")
 
     # -- flow control --
+    max_pending_bytes: int = option(
+        4 * 1024 * 1024, _positive_int,
+        "bytes a client may fall behind (queued since its send buffer was last empty); more: close 1013",
+    )
 
 
 OPTIONS: tuple[dataclasses.Field, ...] = tuple(dataclasses.fields(Settings))

@@ -174,10 +174,44 @@ class TowerProtocol(WebSocketServerProtocol):
         self.closeHandshakeTimeout = 0
         self.sendCloseFrame(code=CLOSE_GOING_AWAY, reasonUtf8=b"server shutting down")
 
-    # -- fan-out ---------------------------------------------------------------
+    # -- fan-out and flow control ----------------------------------------------
+    #
+    # The protocol is its transport's streaming producer: the transport pauses it
+    # when its send buffer passes its own threshold (64 KiB) and resumes it once
+    # the buffer is empty.  While paused, every byte queued is counted; past
+    # max_pending_bytes the client is a slow consumer and is closed, so a client
+    # that stops reading costs at most that much memory, and nobody else waits.
+
+    _paused = False
+    #: bytes queued since the transport said its buffer was full
+    _backlog = 0
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Twisted Web's HTTPChannel registered itself as the producer before
+        # Autobahn took the transport over; as producer it would stop *reading*
+        # from a slow client (its pongs and close frames too) and bound nothing.
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
+
+    def pauseProducing(self) -> None:
+        # Called on every write while the buffer is over the threshold, not just the first.
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._backlog = 0
+
+    def stopProducing(self) -> None:
+        pass  # the connection is going; onClose does the bookkeeping
 
     def deliver(self, frame: bytes) -> None:
         if self.state == _OPEN:
+            if self._paused:
+                self._backlog += len(frame)
+                if self._backlog > self.factory.settings.max_pending_bytes:
+                    self._too_slow()
+                    return
             self.transport.write(frame)
             self.frames_sent += 1
 
@@ -185,6 +219,20 @@ class TowerProtocol(WebSocketServerProtocol):
         if self.state == _OPEN:
             self.sendMessage(_json(obj))
             self.frames_sent += 1
+
+    def _too_slow(self) -> None:
+        self.factory.metrics.slow_client_disconnects.inc()
+        log.warn(
+            "websocket {conn} of user {user} from {peer} is too slow: over {limit} bytes queued; closing it (1013)",
+            conn=self.conn_id,
+            user=self.user.id if self.user is not None else None,
+            peer=self.peer,
+            limit=self.factory.settings.max_pending_bytes,
+        )
+        # The close frame queues behind what the client has not read; a client
+        # that reads nothing never sees it, and Autobahn's close-handshake timeout
+        # (closeHandshakeTimeout, 1 s) then aborts the TCP connection.
+        self.sendCloseFrame(code=CLOSE_TRY_AGAIN_LATER, reasonUtf8=b"too slow: messages are queuing up")
 
     # -- client messages -------------------------------------------------------
 
