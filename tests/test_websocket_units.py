@@ -1,0 +1,78 @@
+"""The websocket protocol without a network: options, producer registration, the slow-consumer bound."""
+
+from __future__ import annotations
+
+import json
+
+from autobahn.twisted.websocket import WebSocketServerProtocol
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from towerws.auth import AllowAll, StaticTokenAuthenticator, User
+from towerws.bus import LocalBus
+from towerws.config import load
+from towerws.hub import Hub
+from towerws.websocket import CLOSE_TRY_AGAIN_LATER, TowerFactory, TowerProtocol, text_frame
+
+
+def make_protocol(**options: str) -> tuple[TowerProtocol, StringTransport]:
+    settings = load({"max_message_size": "1234", "ping_interval": "7", **options}, environ={})
+    hub = Hub(text_frame)
+    factory = TowerFactory(settings, hub, LocalBus(hub), StaticTokenAuthenticator({}), AllowAll(), Clock())
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_options_live_on_the_protocol_class_not_in_each_connection() -> None:
+    protocol, _ = make_protocol()
+    assert protocol.maxMessagePayloadSize == 1234 and protocol.autoPingInterval == 7.0
+    assert protocol.failByDrop is False
+    # Nothing of Autobahn's ~40 options was copied into the connection's own dict.
+    assert not set(WebSocketServerProtocol.CONFIG_ATTRS) & set(vars(protocol))
+    # A callable option stays a plain function (not bound to the connection).
+    assert protocol.perMessageCompressionAccept([]) is None
+
+
+def test_the_protocol_is_its_transports_streaming_producer() -> None:
+    protocol, transport = make_protocol()
+    assert transport.producer is protocol and transport.streaming is True
+
+
+def open_protocol(limit: int) -> tuple[TowerProtocol, StringTransport]:
+    protocol, transport = make_protocol(max_pending_bytes=str(limit))
+    protocol.state = protocol.STATE_OPEN
+    protocol.conn_id, protocol.user = 1, User(7, "alice")
+    transport.clear()
+    return protocol, transport
+
+
+def test_bytes_queued_while_paused_are_bounded_then_1013() -> None:
+    protocol, transport = open_protocol(limit=100)
+    frame = text_frame(json.dumps({"x": "y" * 30}).encode())  # 43 bytes
+    protocol.pauseProducing()  # the transport's buffer is full
+    protocol.deliver(frame)
+    protocol.deliver(frame)
+    assert transport.value() == frame * 2
+    protocol.deliver(frame)  # 129 > 100: this one is not written; the close is
+    assert transport.value().startswith(frame * 2)
+    close = transport.value()[len(frame) * 2:]
+    assert close[0] == 0x88 and int.from_bytes(close[2:4], "big") == CLOSE_TRY_AGAIN_LATER
+    assert protocol.factory.metrics.registry.get_sample_value("towerws_slow_client_disconnects_total") == 1
+    transport.clear()
+    protocol.deliver(frame)  # closing: nothing more is queued
+    assert transport.value() == b""
+
+
+def test_an_emptied_buffer_starts_the_count_again() -> None:
+    protocol, transport = open_protocol(limit=100)
+    frame = text_frame(json.dumps({"x": "y" * 30}).encode())
+    for _ in range(10):  # 430 bytes in all, never more than 86 while paused
+        protocol.pauseProducing()
+        protocol.deliver(frame)
+        protocol.deliver(frame)
+        protocol.resumeProducing()
+    assert transport.value() == frame * 20
+    assert protocol.state == protocol.STATE_OPEN
