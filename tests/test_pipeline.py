@@ -12,7 +12,8 @@ import subprocess
 import pytest
 import websockets
 
-from conftest import Client, Server, aio_test, connect
+from conftest import Client, Server, aio_test, connect, http_get, read_to_eof
+from towerws.web import MAX_HEAD, is_websocket_upgrade
 
 pytestmark = pytest.mark.usefixtures("server")
 
@@ -73,6 +74,40 @@ async def test_other_paths_are_404(server: Server, path: str) -> None:
     with pytest.raises(websockets.InvalidStatus) as info:
         await connect(f"ws://127.0.0.1:{server.port}{path}", "token-alice")
     assert info.value.response.status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/websocket", "/websocket/"])
+@aio_test
+async def test_plain_http_on_the_websocket_path_is_426(server: Server, path: str) -> None:
+    status, headers, body = await http_get(f"{server.http}{path}?token=token-alice")
+    assert status == 426 and headers["upgrade"] == "websocket" and b"websocket only" in body
+
+
+@pytest.mark.parametrize("head, upgrade", [
+    (b"GET /websocket/?token=t HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade", True),
+    (b"GET /websocket HTTP/1.1\r\nupgrade:  WebSocket", True),
+    (b"GET /websocket/ HTTP/1.1\r\nHost: h", False),  # no Upgrade: Twisted Web answers 426
+    (b"GET /websocket/x HTTP/1.1\r\nUpgrade: websocket", True),  # Autobahn: 404
+    (b"GET /websocketx HTTP/1.1\r\nUpgrade: websocket", False),  # Twisted Web: 404
+    (b"POST /websocket/ HTTP/1.1\r\nUpgrade: websocket", False),
+    (b"GET /metrics HTTP/1.1\r\nUpgrade: websocket", False),
+    (b"\x16\x03\x01 garbage", False),
+    (b"", False),
+])
+def test_which_first_requests_go_straight_to_autobahn(head: bytes, upgrade: bool) -> None:
+    assert is_websocket_upgrade(head) is upgrade
+
+
+@aio_test
+async def test_an_endless_request_head_is_left_to_twisted_web_which_refuses_it(server: Server) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /websocket/ HTTP/1.1\r\nX-Filler: " + b"a" * (MAX_HEAD + 1000))
+    response = await read_to_eof(reader)  # Twisted Web closes it (an over-long header line)
+    assert response == b"" or response.startswith(b"HTTP/1.1 4"), response[:100]
+    writer.close()
+    # The server is fine.
+    ws = await server.connect()
+    await ws.close()
 
 
 # -- subscriptions ---------------------------------------------------------------------

@@ -26,7 +26,7 @@ from towerws.config import Settings
 from towerws.hub import Hub
 from towerws.metrics import Metrics
 from towerws.tower import TowerAPI, TowerAuthenticator, TowerAuthorizer
-from towerws.web import make_ops_site, make_site, ops_resources
+from towerws.web import Listener, make_ops_site, make_site, ops_resources
 from towerws.websocket import TowerFactory, text_frame
 
 
@@ -69,7 +69,7 @@ class TowerService(MultiService):
             self.ops_listener.setServiceParent(self)
         else:
             self.site = make_site(self.factory, ops)
-        self.listener = strports.service(settings.listen, self.site)
+        self.listener = strports.service(settings.listen, Listener(self.site, self.factory))
         self.listener.setServiceParent(self)
         self.bus.setServiceParent(self)
 

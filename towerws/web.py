@@ -1,13 +1,19 @@
 """HTTP: the websocket endpoint, the optional publish API and console, and the
 operations endpoints beside them or on their own port.
 
-Twisted Web parses the request and hands ``/websocket`` and ``/websocket/``
-over to Autobahn (``WebSocketResource``).  ``/api/publish`` (with
+Websocket upgrades of ``/websocket`` and ``/websocket/`` go to Autobahn
+(:class:`Listener`); any other request to them is answered 426.  ``/api/publish`` (with
 ``--publish-secret-file``) and ``/console`` (with ``--console``) sit beside it.
 ``/healthz``, ``/readyz`` and ``/metrics`` are plain resources: on the public
 site, or (``--metrics-listen``) on a site of their own, and then only there.
 Anything else is 404.  Every connection must deliver its first request within
 ``open_handshake_timeout`` (:class:`HandshakeChannel`).
+
+:class:`Listener` sits in front of the site: a connection whose first request
+is a websocket upgrade of ``/websocket`` goes straight to Autobahn, which parses
+the handshake itself (through Twisted Web it was parsed twice, and Twisted Web's
+request machinery cost about a tenth of a handshake).  Everything else, and any
+request it cannot read at a glance, is Twisted Web's.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from autobahn.twisted.resource import WebSocketResource
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.pages import notFound
@@ -28,6 +35,9 @@ from towerws.console import add_console
 from towerws.metrics import Metrics, MetricsResource
 from towerws.publish_api import add_publish_api
 from towerws.websocket import TowerFactory
+
+#: the most of a first request's head the Listener reads before leaving it to Twisted Web
+MAX_HEAD = 16384
 
 
 class Root(Resource):
@@ -86,6 +96,19 @@ class TowerSite(Site):
         pass
 
 
+class UpgradeRequired(Resource):
+    """``/websocket`` for anything but a websocket upgrade (which :class:`Listener` gave to Autobahn): 426."""
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        return self if path == b"" else notFound()
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(426)
+        request.setHeader("upgrade", "websocket")
+        request.setHeader("content-type", "text/plain; charset=utf-8")
+        return b"towerws: this endpoint speaks websocket only (GET with Upgrade: websocket)\n"
+
+
 class JSONResource(Resource):
     isLeaf = True
 
@@ -111,19 +134,16 @@ def ops_resources(status: Callable[[], dict[str, Any]], ready: Callable[[], bool
     }
 
 
-def _site(children: Mapping[bytes, IResource], handshake_timeout: float) -> tuple[Root, Site]:
+def _site(children: Mapping[bytes, IResource], handshake_timeout: float) -> tuple[Root, TowerSite]:
     root = Root()
     for name, child in children.items():
         root.putChild(name, child)
     return root, TowerSite(root, handshake_timeout)
 
 
-def make_site(factory: TowerFactory, extra: Mapping[bytes, IResource] | None = None) -> Site:
+def make_site(factory: TowerFactory, extra: Mapping[bytes, IResource] | None = None) -> TowerSite:
     """The public site: the websocket endpoint, publish API and console as configured (and the ops endpoints, if given)."""
-    # WebSocketResource is a leaf: /websocket/ and /websocket/x both reach the
-    # protocol, whose onConnect answers 404 for anything but the two paths.
-    root, site = _site({b"websocket": WebSocketResource(factory), **(extra or {})},
-                       factory.settings.open_handshake_timeout)
+    root, site = _site({b"websocket": UpgradeRequired(), **(extra or {})}, factory.settings.open_handshake_timeout)
     add_publish_api(root, factory.settings, factory.bus)
     add_console(root, factory.settings)
     return site
@@ -132,3 +152,86 @@ def make_site(factory: TowerFactory, extra: Mapping[bytes, IResource] | None = N
 def make_ops_site(resources: Mapping[bytes, IResource], handshake_timeout: float) -> Site:
     """The ``--metrics-listen`` site: only the ops endpoints."""
     return _site(resources, handshake_timeout)[1]
+
+
+def is_websocket_upgrade(head: bytes) -> bool:
+    """Whether a request head (up to its blank line) is ``GET /websocket[/...]`` with ``Upgrade: websocket``.
+
+    Only a plain yes goes to Autobahn directly; anything odd is Twisted Web's to judge.
+    """
+    lines = head.split(b"\r\n")
+    method, _, rest = lines[0].partition(b" ")
+    target = rest.partition(b" ")[0]
+    path = target.partition(b"?")[0]
+    # /websocket/x too: Autobahn answers it 404 and counts the handshake as not_found.
+    if method != b"GET" or not (path == b"/websocket" or path.startswith(b"/websocket/")):
+        return False
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"upgrade":
+            return b"websocket" in value.lower()
+    return False
+
+
+class FirstRequest(Protocol):
+    """Reads a connection's first request head, then hands the connection (and the bytes) over."""
+
+    def __init__(self, listener: "Listener", addr: IAddress):
+        self.listener = listener
+        self.addr = addr
+        self.buffer = b""
+        self._deadline: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        # The same bound as HandshakeChannel's: a head trickled in forever is dropped.
+        self._deadline = self.listener.clock.callLater(self.listener.site.handshake_timeout,
+                                                       self.transport.abortConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end >= 0:
+            upgrade = is_websocket_upgrade(self.buffer[:end])
+        elif len(self.buffer) > MAX_HEAD:
+            upgrade = False  # Twisted Web refuses oversized heads
+        else:
+            return
+        self._stop_deadline()
+        factory: Factory = self.listener.factory if upgrade else self.listener.site
+        protocol = factory.buildProtocol(self.addr)
+        transport = self.transport
+        # The same hand-over as Autobahn's WebSocketResource, without the HTTP round trip.
+        if isinstance(transport, ProtocolWrapper):  # TLS: the TLS layer is our transport
+            transport.wrappedProtocol = protocol
+        else:
+            transport.protocol = protocol
+        protocol.makeConnection(transport)
+        protocol.dataReceived(self.buffer)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._stop_deadline()
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+
+class Listener(Factory):
+    """The public port's factory: websocket upgrades to ``factory``, all other HTTP to ``site``."""
+
+    def __init__(self, site: TowerSite, factory: TowerFactory):
+        self.site = site
+        self.factory = factory
+        self.clock = factory.clock
+
+    def buildProtocol(self, addr: IAddress) -> FirstRequest:
+        return FirstRequest(self, addr)
+
+    def startFactory(self) -> None:
+        self.site.doStart()
+        self.factory.doStart()
+
+    def stopFactory(self) -> None:
+        self.site.doStop()
+        self.factory.doStop()
