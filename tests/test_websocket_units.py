@@ -41,38 +41,60 @@ def test_the_protocol_is_its_transports_streaming_producer() -> None:
     assert transport.producer is protocol and transport.streaming is True
 
 
-def open_protocol(limit: int) -> tuple[TowerProtocol, StringTransport]:
+def open_protocol(limit: int = 4 * 1024 * 1024) -> tuple[TowerProtocol, StringTransport, Clock]:
     protocol, transport = make_protocol(max_pending_bytes=str(limit))
     protocol.state = protocol.STATE_OPEN
     protocol.conn_id, protocol.user = 1, User(7, "alice")
     transport.clear()
-    return protocol, transport
+    return protocol, transport, protocol.factory.clock
+
+
+FRAME = text_frame(json.dumps({"x": "y" * 30}).encode())  # 43 bytes
+
+
+def test_deliveries_of_one_reactor_turn_are_written_once_at_its_end() -> None:
+    protocol, transport, clock = open_protocol()
+    writes: list[bytes] = []
+    transport.write = writes.append  # type: ignore[method-assign]
+    for _ in range(3):
+        protocol.deliver(FRAME)
+    assert writes == []
+    clock.advance(0)
+    assert writes == [FRAME * 3]
+
+
+def test_a_reply_never_overtakes_queued_deliveries() -> None:
+    protocol, transport, clock = open_protocol()
+    protocol.deliver(FRAME)
+    protocol.send_json({"groups_current": []})
+    assert transport.value().startswith(FRAME) and b"groups_current" in transport.value()[len(FRAME):]
+    clock.advance(0)  # nothing left to flush
+    assert transport.value().count(FRAME) == 1
 
 
 def test_bytes_queued_while_paused_are_bounded_then_1013() -> None:
-    protocol, transport = open_protocol(limit=100)
-    frame = text_frame(json.dumps({"x": "y" * 30}).encode())  # 43 bytes
+    protocol, transport, clock = open_protocol(limit=100)
     protocol.pauseProducing()  # the transport's buffer is full
-    protocol.deliver(frame)
-    protocol.deliver(frame)
-    assert transport.value() == frame * 2
-    protocol.deliver(frame)  # 129 > 100: this one is not written; the close is
-    assert transport.value().startswith(frame * 2)
-    close = transport.value()[len(frame) * 2:]
+    protocol.deliver(FRAME)
+    protocol.deliver(FRAME)
+    protocol.deliver(FRAME)  # 129 > 100: this one is not queued; the close is
+    assert transport.value().startswith(FRAME * 2)  # the close goes after what was queued
+    close = transport.value()[len(FRAME) * 2:]
     assert close[0] == 0x88 and int.from_bytes(close[2:4], "big") == CLOSE_TRY_AGAIN_LATER
     assert protocol.factory.metrics.registry.get_sample_value("towerws_slow_client_disconnects_total") == 1
     transport.clear()
-    protocol.deliver(frame)  # closing: nothing more is queued
+    protocol.deliver(FRAME)  # closing: nothing more is queued
+    clock.advance(0)
     assert transport.value() == b""
 
 
 def test_an_emptied_buffer_starts_the_count_again() -> None:
-    protocol, transport = open_protocol(limit=100)
-    frame = text_frame(json.dumps({"x": "y" * 30}).encode())
+    protocol, transport, clock = open_protocol(limit=100)
     for _ in range(10):  # 430 bytes in all, never more than 86 while paused
         protocol.pauseProducing()
-        protocol.deliver(frame)
-        protocol.deliver(frame)
+        protocol.deliver(FRAME)
+        protocol.deliver(FRAME)
+        clock.advance(0)
         protocol.resumeProducing()
-    assert transport.value() == frame * 20
+    assert transport.value() == FRAME * 20
     assert protocol.state == protocol.STATE_OPEN

@@ -505,7 +505,7 @@ class AMQPService(Service):
             self.log.failure("dispatching a message for {group} failed", group=group)
             return
         if reached:
-            # One observation per message, after the hub wrote to every transport.
+            # One observation per message, once the hub queued it for every subscriber.
             self.metrics.latency.observe(time.perf_counter() - received)
 
     @property

@@ -48,7 +48,7 @@ SUBSCRIBE_OUTCOMES = ("ok", "partly_denied", "denied", "invalid", "broker_unavai
 #: Tower API outcomes (``towerws_auth_requests_total{outcome}``), for the Tower API client
 AUTH_OUTCOMES = ("ok", "unauthenticated", "error", "timeout")
 
-# AMQP receive -> written to every subscriber's transport: microseconds when idle,
+# AMQP receive -> queued for every subscriber: microseconds when idle,
 # milliseconds for a big fan-out, more when the reactor is overloaded.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -121,7 +121,7 @@ class Metrics:
         )
         self.latency = LatencyHistogram(
             "towerws_delivery_latency_seconds",
-            "AMQP read to the message written to every subscriber's transport",
+            "AMQP read to the message queued for every subscriber (written out at the end of that reactor turn)",
             LATENCY_BUCKETS,
         )
         r.register(self.latency)

@@ -8,15 +8,19 @@ each text message ``{"groups": {...}}`` is parsed, authorized, then replaces the
 connection's subscriptions and is answered, once the new groups can receive,
 with ``groups_current/joined/left``.
 
-Deliveries arrive from the hub already framed (:func:`text_frame`) and are
-written straight to the transport: one framing per message, one write per
-subscriber, and none of Autobahn's per-send bookkeeping on the hot path.
+Deliveries arrive from the hub already framed (:func:`text_frame`), wait in
+the connection's outbox until the end of the reactor turn and are then written
+in one piece, on plain TCP straight to the socket: one framing per message, one
+write per subscriber per turn, none of Autobahn's per-send bookkeeping on the
+hot path.  A client that falls more than ``max_pending_bytes`` behind is closed
+with 1013 (slow consumer).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import socket
 import struct
 import time
 from typing import Any, Protocol
@@ -24,8 +28,9 @@ from typing import Any, Protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -175,26 +180,34 @@ class TowerProtocol(WebSocketServerProtocol):
 
     # -- fan-out and flow control ----------------------------------------------
     #
-    # The protocol is its transport's streaming producer: the transport pauses it
-    # when its send buffer passes its own threshold (64 KiB) and resumes it once
-    # the buffer is empty.  While paused, every byte queued is counted; past
-    # max_pending_bytes the client is a slow consumer and is closed, so a client
-    # that stops reading costs at most that much memory, and nobody else waits.
+    # Deliveries queue in the connection's outbox; the factory flushes every
+    # outbox once per reactor turn, so a client gets one write for everything
+    # published to it in that turn.  On plain TCP that write goes straight to
+    # the socket while Twisted holds nothing for it: no epoll registration and
+    # no extra reactor turn per client.  What the kernel does not take is left
+    # to the transport.
+    #
+    # The protocol is its transport's streaming producer: the transport pauses
+    # it while its buffer is over the threshold (on plain TCP: holds anything at
+    # all) and resumes it once the buffer is empty.  Bytes queued while paused
+    # are counted; past max_pending_bytes the client is a slow consumer and is
+    # closed, so a client that stops reading costs at most that much memory, and
+    # nobody else waits for it.
 
     _paused = False
-    #: bytes queued since the transport said its buffer was full
+    #: bytes queued since the transport last had an empty buffer
     _backlog = 0
+    #: frames waiting for the end of this reactor turn (None: nothing queued)
+    _outbox: list[bytes] | None = None
+    #: plain TCP: the socket written to directly while the transport's buffer is empty
+    _socket: socket.socket | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        # Twisted Web's HTTPChannel registered itself as the producer before
-        # Autobahn took the transport over; as producer it would stop *reading*
-        # from a slow client (its pongs and close frames too) and bound nothing.
-        # (Transports with a ``producer`` attribute say whether one is there; the TLS
-        # layer has none, and unregistering nothing is a no-op on it.)
-        if getattr(self.transport, "producer", True) is not None:
-            self.transport.unregisterProducer()
-        self.transport.registerProducer(self, True)
+        transport = self.transport
+        if isinstance(transport, tcp.Connection):
+            self._socket = transport.getHandle()
+        transport.registerProducer(self, True)
 
     def pauseProducing(self) -> None:
         # Called on every write while the buffer is over the threshold, not just the first.
@@ -203,19 +216,62 @@ class TowerProtocol(WebSocketServerProtocol):
     def resumeProducing(self) -> None:
         self._paused = False
         self._backlog = 0
+        if self.transport.disconnecting:
+            # A transport closing with a paused producer closes only once the
+            # producer is gone (Twisted's doWrite resumes it instead of closing).
+            self.transport.unregisterProducer()
 
     def stopProducing(self) -> None:
         pass  # the connection is going; onClose does the bookkeeping
 
     def deliver(self, frame: bytes) -> None:
-        if self.state == _OPEN:
-            if self._paused:
-                self._backlog += len(frame)
-                if self._backlog > self.factory.settings.max_pending_bytes:
-                    self._too_slow()
-                    return
-            self.transport.write(frame)
-            self.frames_sent += 1
+        if self.state != _OPEN:
+            return
+        if self._paused:
+            self._backlog += len(frame)
+            if self._backlog > self.factory.settings.max_pending_bytes:
+                self._too_slow()
+                return
+        self.frames_sent += 1
+        if self._outbox is None:
+            self._outbox = [frame]
+            self.factory.flush_later(self)
+        else:
+            self._outbox.append(frame)
+
+    def flush(self) -> None:
+        """Write the outbox in one piece."""
+        outbox, self._outbox = self._outbox, None
+        if outbox is not None:
+            self._write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
+
+    def _write(self, data: bytes) -> None:
+        if self._socket is None or self._paused:
+            self.transport.write(data)  # TLS, or bytes already wait in the transport
+            return
+        try:
+            sent = self._socket.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            # A broken connection: the transport's own write below finds out and
+            # closes it the usual way.
+            sent = 0
+        if sent < len(data):
+            self.transport.write(data[sent:])
+            # Twisted holds bytes now: nothing goes to the socket directly until
+            # it has sent them all and says so (resumeProducing).
+            self.transport.producerPaused = True
+            self._paused = True
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Everything Autobahn sends (the handshake response, replies, pings, the
+        # close frame) takes the same way, after the deliveries queued before it.
+        # (Autobahn's own sendData would add a debug-log call per send, and its
+        # sync/chopsize options are not used here.)
+        if self._outbox is not None:
+            self.flush()
+        self._write(data)
 
     def send_json(self, obj: Any) -> None:
         if self.state == _OPEN:
@@ -299,6 +355,7 @@ class TowerProtocol(WebSocketServerProtocol):
         if self._closed:
             return
         self._closed = True
+        self._outbox = None
         groups = 0
         if self._admitted:
             assert self.user is not None
@@ -354,6 +411,8 @@ class TowerFactory(WebSocketServerFactory):
         self.draining = False
         self._drained: list[Deferred[None]] = []
         self.ids = itertools.count(1)
+        self._to_flush: list[TowerProtocol] = []
+        self._flush_call: IDelayedCall | None = None
         self.setProtocolOptions(
             # Protocol violations get the standard close code on the wire (1003,
             # 1007, 1009) instead of a bare TCP drop the client sees as 1006.
@@ -368,6 +427,22 @@ class TowerFactory(WebSocketServerFactory):
         )
         self.protocol = _with_options(self.protocol, self)
 
+
+    def flush_later(self, protocol: TowerProtocol) -> None:
+        """Flush ``protocol``'s outbox at the end of this reactor turn."""
+        self._to_flush.append(protocol)
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        protocols, self._to_flush = self._to_flush, []
+        for protocol in protocols:
+            try:
+                protocol.flush()
+            except Exception:
+                # One broken connection must not cost the others their messages.
+                log.failure("writing to websocket {conn} failed", conn=getattr(protocol, "conn_id", None))
 
     def connection_gone(self, protocol: TowerProtocol) -> None:
         self.connections.discard(protocol)
