@@ -26,7 +26,8 @@ Commands:
              tags has received ``end - 1`` (or is gone), then report per tag.
 ``stall``    ``{"tag"}``: stop reading on those clients' sockets (the server's send buffer fills).
 ``probe``    ``{"tag"}``: the TCP state of each stalled client (did the server close or reset it?).
-``resume``   ``{"tag", "timeout"}``: read again, to collect close frames; reports close codes.
+``resume``   ``{"tag", "timeout"}``: read again, to collect close frames; reports each client's
+             close code, or ``open`` (still connected) or ``dropped`` (gone without a close frame).
 ``close``    ``{"tags", "timeout"}``: abort those connections, wait for them to be gone.
 ``quit``
 """
@@ -153,6 +154,12 @@ class Client(WSListener):
             self.ready.set_exception(ConnectionError(self.refusal or f"closed before subscribing ({self.close_code})"))
         if not self.gone.done():
             self.gone.set_result(None)
+
+    def outcome(self) -> int | str:
+        """The close code received, else ``"open"`` or ``"dropped"`` (gone without a close frame)."""
+        if self.close_code is not None:
+            return self.close_code
+        return "dropped" if self.gone.done() else "open"
 
     def tcp_state(self) -> str:
         """The kernel's TCP state of this client's socket (``close_wait``: the server closed)."""
@@ -313,7 +320,7 @@ class LoadGen:
             if c.transport is not None and not c.gone.done():
                 c.transport.underlying_transport.resume_reading()
         await asyncio.wait([asyncio.ensure_future(c.gone) for c in clients], timeout=float(cmd.get("timeout", 5)))
-        return {"ok": True, "close_codes": [c.close_code for c in clients], "gone": sum(c.gone.done() for c in clients)}
+        return {"ok": True, "close_codes": [c.outcome() for c in clients]}
 
     async def close(self, cmd: dict[str, Any]) -> dict[str, Any]:
         tags = self._tags(cmd)

@@ -171,12 +171,17 @@ def tables(name: str, res: dict[str, Any], all_results: dict[str, Any]) -> list[
                     " ".join(str(x) for x in r["disconnect_after_s"]) if stalled else "",
                     " ".join(str(x) for x in r["close_codes"]) if stalled else "",
                 ])
-        series = [(
-            [f"RSS MiB at t (s), run {i + 1}"],
-            [["  ".join(f"{t}:{mib}" for t, mib in r["rss_series"])]],
-        ) for i, r in enumerate(res["runs"])]
-        return [(head, rows)] + series
+        return [(head, rows)]
     return []
+
+
+def notes(name: str, res: dict[str, Any]) -> list[str]:
+    """Lines shown under a scenario's table."""
+    if name != "slow-client":
+        return []
+    return [f"server RSS (MiB) over the stalled phase, run {i + 1}: "
+            + ", ".join(f"{t:.0f}s {mib:.0f}" for t, mib in r["rss_series"][:: max(1, len(r["rss_series"]) // 12)])
+            for i, r in enumerate(res["runs"])]
 
 
 def text_table(head: list[str], rows: list[list[str]]) -> str:
@@ -254,6 +259,7 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
             continue
         for head, rows in tables(name, res, doc["results"]):
             parts += [md_table(head, rows), ""]
+        parts += [f"- {line}" for line in notes(name, res)] + [""] * bool(notes(name, res))
         if name == "fanout" and "profile" in res:
             parts += _profile_md(res["profile"])
     parts.append(_METHOD.format(trial=doc["config"]["trial_duration"], limit=doc["config"]["latency_limit"] * 1e3,

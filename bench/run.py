@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         print(report.summary_line(name, res))
         for head, rows in report.tables(name, res, doc["results"]):
             print(report.text_table(head, rows))
+        for line in report.notes(name, res):
+            print(f"  {line}")
         if "profile" in res:
             _print_profile(res["profile"])
     doc["elapsed_s"] = time.monotonic() - t0

@@ -36,7 +36,7 @@ class Config:
     logdir: Path
     quick: bool = False
     runs: int = 3
-    trial_duration: float = 3.0
+    trial_duration: float = 2.0
     drain: float = 8.0
     latency_limit: float = 0.25
     fanout_sizes: list[int] = field(default_factory=lambda: [100, 1000, 5000])
@@ -61,7 +61,7 @@ class Config:
         return cls(
             amqp_url, logdir, quick=True, runs=1, trial_duration=2.0, drain=6.0,
             fanout_sizes=[100, 1000], many_groups_sizes=[1000], idle_size=2000, connect_size=1000,
-            slow_normal=200, slow_duration=5.0,
+            slow_normal=200, slow_duration=6.0,
         )
 
 
@@ -129,17 +129,18 @@ def _rate_search(cfg: Config, server_kind: str, sizes: list[int], own_groups: bo
             if own_groups:
                 groups = [f"job_events-{i}" for i in range(1, c + 1)]
                 _connect(lg, server, "load", c, own_key="job_events", own_base=1)
-                probe = 40_000.0
+                probe = 40_000.0  # round-robin: one frame per message
             else:
                 groups = ["job_events-1"]
                 _connect(lg, server, "load", c, groups={"job_events": [1]})
-                probe = 1_500_000.0 / c
+                probe = 600_000.0 / c  # frames/s beyond what one CPython process delivers
             rig = Rig(server, lg, "load", groups, c, cfg.latency_limit, cfg.drain, verbose=cfg.verbose)
             runs = []
             guess = None
             for i in range(cfg.runs):
                 _say(cfg, f"   run {i + 1}/{cfg.runs}")
-                best, trials = find_max(rig, cfg.trial_duration, probe, guess, refine=1 if cfg.quick else 2)
+                refine = 1 if cfg.quick or guess is not None else 2
+                best, trials = find_max(rig, cfg.trial_duration, probe, guess, refine)
                 if best is None:
                     runs.append({"max_rate": 0.0, "max_fps": 0.0, "found": False,
                                  "trials": [t.as_dict() for t in trials]})
@@ -258,7 +259,7 @@ def slow_client(cfg: Config) -> dict[str, Any]:
                       f"{r['stalled_disconnected']}/{cfg.slow_stalled} stalled clients disconnected")
     return {
         "params": {"normal": cfg.slow_normal, "stalled": cfg.slow_stalled, "rate": cfg.slow_rate,
-                   "flood_rate": cfg.slow_flood_rate, "flood_size": cfg.slow_flood_size,
+                   "flood_rate_per_stalled_client": cfg.slow_flood_rate, "flood_size": cfg.slow_flood_size,
                    "duration": cfg.slow_duration, "max_pending_bytes": 4 * MiB if flow_option else None},
         "runs": runs,
         "median": median_of([{k: v for k, v in r.items() if k != "rss_series"} for r in runs]),
@@ -267,11 +268,15 @@ def slow_client(cfg: Config) -> dict[str, Any]:
 
 def _slow_run(cfg: Config, server: TowerwsServer, lg: Child) -> dict[str, Any]:
     _connect(lg, server, "normal", cfg.slow_normal, groups={"job_events": [1]})
-    # The stalled clients also get a flood of large messages (job_events-2), so their
-    # buffers fill in seconds; a small receive buffer keeps the kernel from hiding it.
-    _connect(lg, server, "slow", cfg.slow_stalled, groups={"job_events": [1, 2]}, track=False, rcvbuf=4096)
+    # Each stalled client also watches its own busy job (job_events-1001, ...): a flood of
+    # large messages that fills its buffers in seconds, separately from the others' (a
+    # message shared by several stalled clients would be buffered once, its bytes shared).
+    # A small receive buffer keeps the client's kernel from hiding the stall.
+    _connect(lg, server, "slow", cfg.slow_stalled, groups={"job_events": [1]}, own_key="job_events",
+             own_base=1001, track=False, rcvbuf=4096)
+    floods = [f"job_events-{1001 + k}" for k in range(cfg.slow_stalled)]
     streams = [{"groups": ["job_events-1"], "rate": cfg.slow_rate},
-               {"groups": ["job_events-2"], "rate": cfg.slow_flood_rate, "size": cfg.slow_flood_size}]
+               {"groups": floods, "rate": cfg.slow_flood_rate * len(floods), "size": cfg.slow_flood_size}]
     per = messages_per_group(cfg.slow_rate, cfg.slow_duration, 1)
     seq = 0
     mon = Monitor(server.pid)
@@ -324,7 +329,7 @@ def _slow_run(cfg: Config, server: TowerwsServer, lg: Child) -> dict[str, Any]:
 
     baseline = phase(stall=False)
     stalled = phase(stall=True)
-    resumed = lg.call({"cmd": "resume", "tag": "slow", "timeout": 5}, timeout=30)
+    resumed = lg.call({"cmd": "resume", "tag": "slow", "timeout": 3}, timeout=30)
     closed_at = stalled.pop("closed_at")
     baseline.pop("closed_at")
     codes = resumed["close_codes"]
@@ -336,7 +341,7 @@ def _slow_run(cfg: Config, server: TowerwsServer, lg: Child) -> dict[str, Any]:
         "rss_series": stalled["rss_series"],
         "stalled_disconnected": len(closed_at),
         "disconnect_after_s": sorted(round(v, 1) for v in closed_at.values()),
-        "close_codes": [c if c is not None else "no close frame" for c in codes],
+        "close_codes": codes,
     }
 
 
