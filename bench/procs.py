@@ -13,6 +13,7 @@ import os
 import resource
 import secrets
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +268,34 @@ def delete_amqp(amqp_url: str, exchange: str, queue: str) -> None:
         ch.exchange_delete(exchange)
     finally:
         conn.close()
+
+
+def ensure_broker(amqp_url: str, timeout: float = 90.0) -> None:
+    """Start the local RabbitMQ (``rabbitmq-server -detached``) if nothing listens at the URL's address.
+
+    As ``make test`` does; a broker elsewhere is only checked, never started.
+    """
+    parts = urllib.parse.urlsplit(amqp_url)
+    address = (parts.hostname or "localhost", parts.port or 5672)
+
+    def listening() -> bool:
+        try:
+            with socket.create_connection(address, timeout=1):
+                return True
+        except OSError:
+            return False
+
+    if listening():
+        return
+    if address[0] not in ("127.0.0.1", "localhost") or shutil.which("rabbitmq-server") is None:
+        raise BenchError(f"nothing listens on {address[0]}:{address[1]} and no local rabbitmq-server to start")
+    subprocess.run(["rabbitmq-server", "-detached"], check=False, capture_output=True, timeout=60)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if listening():
+            return
+        time.sleep(0.5)
+    raise BenchError(f"started rabbitmq-server -detached but nothing listened within {timeout:.0f}s")
 
 
 def rabbitmq_version(amqp_url: str) -> str:

@@ -270,7 +270,10 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
 def _profile_md(prof: dict[str, Any]) -> list[str]:
     if "error" in prof:
         return [f"Profile failed: {prof['error']}", ""]
-    rows = [[f, f"{p}%"] for f, p in prof.get("self", [])]
-    return ["Profile of the server during a C=1,000 fan-out trial at the maximum rate "
-            f"(`{prof['command']}`), share of samples by function (self time):", "",
-            md_table(["function", "self"], rows), ""]
+    return [
+        "Profile of the server during a C=1,000 fan-out trial at the maximum rate "
+        f"(`{prof['command']}`; trial: {prof['trial']}), shares of the busy samples:", "",
+        md_table(["function (self time)", "share"], [[f"`{f}`", f"{p}%"] for f, p in prof.get("self", [])]), "",
+        md_table(["file (self time)", "share"], [[f"`{f}`", f"{p}%"] for f, p in prof.get("self_by_file", [])]), "",
+        md_table(["function (inclusive)", "share"], [[f"`{f}`", f"{p}%"] for f, p in prof.get("inclusive", [])]), "",
+    ]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.procs import ROOT, BenchError, raise_nofile, rabbitmq_version
+from bench.procs import ROOT, BenchError, ensure_broker, rabbitmq_version, raise_nofile
 from bench.scenarios import SCENARIOS, Config
 
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", action="append", choices=list(SCENARIOS), metavar="NAME",
                         help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}")
     parser.add_argument("--runs", type=int, help="runs per measurement (default 3, quick 1)")
+    parser.add_argument("--sizes", type=int, nargs="+", metavar="C",
+                        help="client counts for fanout, ceiling and many-groups (default 100 1000 5000)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the server during a C=1,000 fan-out trial at the maximum rate")
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP)
@@ -57,15 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs:
         cfg.runs = args.runs
     cfg.profile = args.profile
+    if args.sizes:
+        cfg.fanout_sizes = cfg.many_groups_sizes = args.sizes
     names = args.scenario or list(SCENARIOS)
     if args.profile and "fanout" not in names:
         names.append("fanout")
-    if "fanout" in names and "ceiling" not in names and not args.scenario:
-        names.insert(0, "ceiling")
     out = args.out or ROOT / "bench" / ("results-quick.json" if args.quick else "results-latest.json")
     markdown = args.markdown or ROOT / "bench" / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
 
     try:
+        ensure_broker(cfg.amqp_url)
         broker = rabbitmq_version(cfg.amqp_url)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
@@ -117,8 +120,11 @@ def _print_profile(prof: dict[str, Any]) -> None:
     if "error" in prof:
         print(f"  {prof['error']}")
         return
-    for kind in ("self", "inclusive"):
-        print(f"  top functions by {kind} time ({prof['samples']} samples):")
+    print(f"  trial: {prof['trial']}")
+    titles = {"self": "functions, self time", "self_by_file": "files, self time",
+              "inclusive": "functions, inclusive time (below 90%)"}
+    for kind, title in titles.items():
+        print(f"  top {title} ({prof['samples']} busy samples):")
         for func, share in prof.get(kind, []):
             print(f"    {share:5.1f}%  {func}")
 

@@ -353,25 +353,30 @@ def profile(cfg: Config, rig: Rig, rate: float) -> dict[str, Any]:
     out = cfg.logdir / "profile-fanout.txt"
     py_spy = str(Path(sys.executable).parent / "py-spy")
     cmd = [py_spy, "record", "--pid", str(rig.server.pid), "--duration", str(int(cfg.profile_seconds)),
-           "--rate", "250", "--format", "raw", "--nonblocking", "--output", str(out)]
+           "--rate", "250", "--format", "raw", "--nolineno", "--nonblocking", "--output", str(out)]
     _say(cfg, f"   profiling: {' '.join(cmd)}")
     spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(0.5)
-        rig.trial(rate, cfg.profile_seconds)
+        trial = rig.trial(rate, cfg.profile_seconds)
         _, err = spy.communicate(timeout=cfg.profile_seconds + 60)
     except BaseException:
         spy.kill()
         raise
     if spy.returncode != 0:
         return {"error": f"py-spy failed ({spy.returncode}): {err.strip()[-300:]}", "command": " ".join(cmd)}
-    return {"command": " ".join(cmd), "file": str(out), **top_stacks(out)}
+    return {"command": " ".join(cmd), "file": str(out), "trial": trial.brief(), **top_stacks(out)}
 
 
 def top_stacks(path: Path, n: int = 15) -> dict[str, Any]:
-    """Self and inclusive sample shares per function from py-spy's raw (collapsed) output."""
+    """Shares of py-spy's busy samples (raw, collapsed stacks): by function and by file, self and inclusive.
+
+    Frames on (nearly) every stack -- twistd, the reactor loop -- are left out of the
+    inclusive list: they say nothing about where the time goes.
+    """
     own: dict[str, int] = {}
     incl: dict[str, int] = {}
+    files: dict[str, int] = {}
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -380,14 +385,20 @@ def top_stacks(path: Path, n: int = 15) -> dict[str, Any]:
         k = int(count)
         total += k
         frames = stack.split(";")
-        own[frames[-1]] = own.get(frames[-1], 0) + k
+        leaf = frames[-1]
+        own[leaf] = own.get(leaf, 0) + k
+        where = leaf.rpartition("(")[2].rstrip(")")
+        files[where] = files.get(where, 0) + k
         for f in set(frames):
             incl[f] = incl.get(f, 0) + k
+    if not total:
+        return {"samples": 0}
 
-    def top(d: dict[str, int]) -> list[tuple[str, float]]:
-        return [(f, round(100 * v / total, 1)) for f, v in sorted(d.items(), key=lambda kv: -kv[1])[:n]]
+    def top(d: dict[str, int], below: float = 1.0) -> list[tuple[str, float]]:
+        ranked = sorted(((f, v / total) for f, v in d.items() if v / total < below), key=lambda fv: -fv[1])
+        return [(f, round(100 * share, 1)) for f, share in ranked[:n]]
 
-    return {"samples": total, "self": top(own), "inclusive": top(incl)} if total else {"samples": 0}
+    return {"samples": total, "self": top(own), "self_by_file": top(files), "inclusive": top(incl, below=0.9)}
 
 
 SCENARIOS: dict[str, Callable[[Config], dict[str, Any]]] = {
