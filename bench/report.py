@@ -180,7 +180,7 @@ def notes(name: str, res: dict[str, Any]) -> list[str]:
     if name != "slow-client":
         return []
     return [f"server RSS (MiB) over the stalled phase, run {i + 1}: "
-            + ", ".join(f"{t:.0f}s {mib:.0f}" for t, mib in r["rss_series"][:: max(1, len(r["rss_series"]) // 12)])
+            + ", ".join(f"{t:.1f}s {mib:.0f}" for t, mib in r["rss_series"][:: max(1, len(r["rss_series"]) // 12)])
             for i, r in enumerate(res["runs"])]
 
 
@@ -260,18 +260,18 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
         for head, rows in tables(name, res, doc["results"]):
             parts += [md_table(head, rows), ""]
         parts += [f"- {line}" for line in notes(name, res)] + [""] * bool(notes(name, res))
-        if name == "fanout" and "profile" in res:
-            parts += _profile_md(res["profile"])
+        if "profile" in res:
+            parts += _profile_md(name, res["profile"])
     parts.append(_METHOD.format(trial=doc["config"]["trial_duration"], limit=doc["config"]["latency_limit"] * 1e3,
                                 runs=doc["config"]["runs"]))
     path.write_text("\n".join(parts))
 
 
-def _profile_md(prof: dict[str, Any]) -> list[str]:
+def _profile_md(name: str, prof: dict[str, Any]) -> list[str]:
     if "error" in prof:
         return [f"Profile failed: {prof['error']}", ""]
     return [
-        "Profile of the server during a C=1,000 fan-out trial at the maximum rate "
+        f"Profile of the server during a C=1,000 {name} trial at the maximum rate "
         f"(`{prof['command']}`; trial: {prof['trial']}), shares of the busy samples:", "",
         md_table(["function (self time)", "share"], [[f"`{f}`", f"{p}%"] for f, p in prof.get("self", [])]), "",
         md_table(["file (self time)", "share"], [[f"`{f}`", f"{p}%"] for f, p in prof.get("self_by_file", [])]), "",

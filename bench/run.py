@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", metavar="C",
                         help="client counts for fanout, ceiling and many-groups (default 100 1000 5000)")
     parser.add_argument("--profile", action="store_true",
-                        help="py-spy the server during a C=1,000 fan-out trial at the maximum rate")
+                        help="py-spy the server during C=1,000 fanout and many-groups trials at the maximum rate")
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP)
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results-latest.json, "
                                                   "quick: bench/results-quick.json)")
@@ -62,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.sizes:
         cfg.fanout_sizes = cfg.many_groups_sizes = args.sizes
     names = args.scenario or list(SCENARIOS)
-    if args.profile and "fanout" not in names:
-        names.append("fanout")
     out = args.out or ROOT / "bench" / ("results-quick.json" if args.quick else "results-latest.json")
     markdown = args.markdown or ROOT / "bench" / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
 
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_profile(prof: dict[str, Any]) -> None:
-    print("\n  profile of the server during the fan-out trial:", prof.get("command", ""))
+    print("\n  profile of the server:", prof.get("command", ""))
     if "error" in prof:
         print(f"  {prof['error']}")
         return

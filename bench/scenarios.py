@@ -159,8 +159,8 @@ def _rate_search(cfg: Config, server_kind: str, sizes: list[int], own_groups: bo
                     "half": _half(half),
                     "trials": [t.as_dict() for t in trials],
                 })
-                if cfg.profile and server_kind == "towerws" and not own_groups and c == 1000 and i == 0:
-                    results["profile"] = profile(cfg, rig, best.rate)
+                if cfg.profile and server_kind == "towerws" and c == 1000 and i == 0:
+                    results["profile"] = profile(cfg, rig, best.rate, label)
         found = [r for r in runs if r["found"]]
         results[str(c)] = {"runs": runs, "median": median_of(found) if found else {}}
     return results
@@ -348,9 +348,9 @@ def _slow_run(cfg: Config, server: TowerwsServer, lg: Child) -> dict[str, Any]:
 # -- profile ---------------------------------------------------------------------------
 
 
-def profile(cfg: Config, rig: Rig, rate: float) -> dict[str, Any]:
-    """py-spy on the server during a fan-out trial at ``rate``: the hottest functions."""
-    out = cfg.logdir / "profile-fanout.txt"
+def profile(cfg: Config, rig: Rig, rate: float, label: str) -> dict[str, Any]:
+    """py-spy on the server during a trial at ``rate``: the hottest functions."""
+    out = cfg.logdir / f"profile-{label}.txt"
     py_spy = str(Path(sys.executable).parent / "py-spy")
     cmd = [py_spy, "record", "--pid", str(rig.server.pid), "--duration", str(int(cfg.profile_seconds)),
            "--rate", "250", "--format", "raw", "--nolineno", "--nonblocking", "--output", str(out)]
