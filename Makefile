@@ -37,10 +37,11 @@ test-deps:
 	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) \
 		|| echo "make test: chromium could not be installed; the browser test will be skipped"
 
-# The benchmark suite (bench/README.md): about 10 minutes; writes bench/RESULTS.md.
+# The benchmark suite (bench/README.md): about 10 minutes; writes bench/RESULTS.md,
+# including a py-spy profile of the server on the fan-out path.
 # Needs RabbitMQ on 127.0.0.1:5672 (started like for make test when it is installed).
 bench: $(BENCH_STAMP)
-	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) -m bench.run --profile $(BENCH_ARGS)
 
 # One run of each scenario at small sizes (a few minutes; numbers only indicative).
 bench-quick: $(BENCH_STAMP)

@@ -31,6 +31,7 @@ from twisted.internet.task import LoopingCall
 from twisted.protocols.basic import LineReceiver
 
 from bench.payload import DEFAULT_SIZE, make_body, messages_per_group
+from bench.publisher import Stream
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _MAX_REQUEST = 16384
@@ -54,7 +55,7 @@ def _unmask(mask: bytes, data: bytes) -> bytes:
 
 
 class CeilingProtocol(Protocol):
-    factory: "CeilingFactory"
+    factory: CeilingFactory
 
     def connectionMade(self) -> None:
         self.buf = b""
@@ -145,12 +146,10 @@ class Generator:
         duration = float(cmd["duration"])
         self.streams = []
         for spec in cmd["streams"]:
-            groups = list(spec["groups"])
-            rate = float(spec["rate"])
-            total = messages_per_group(rate, duration, len(groups)) * len(groups)
-            start = seqs.get(groups[0], 0)
-            self.streams.append({"groups": groups, "rate": rate, "size": int(spec.get("size", DEFAULT_SIZE)),
-                                 "total": total, "sent": 0, "start": start})
+            s = Stream(list(spec["groups"]), float(spec["rate"]), int(spec.get("size", DEFAULT_SIZE)))
+            s.total = messages_per_group(s.rate, duration, len(s.groups)) * len(s.groups)
+            s.start = seqs.get(s.groups[0], 0)
+            self.streams.append(s)
         self.t0 = time.monotonic()
         self.wall0_us = time.time_ns() // 1000
         self.cpu0 = time.process_time()
@@ -162,18 +161,18 @@ class Generator:
         members = self.factory.members
         pending = False
         for s in self.streams:
-            groups, rate, size = s["groups"], s["rate"], s["size"]
-            due = min(s["total"], int(rate * elapsed) + 1)
-            sent = s["sent"]
+            groups, rate = s.groups, s.rate
+            due = min(s.total, int(rate * elapsed) + 1)
+            sent = s.sent
             while sent < due:
                 group = groups[sent % len(groups)]
-                body = make_body(s["start"] + sent // len(groups), self.wall0_us + int(sent * 1e6 / rate), size)
+                body = make_body(s.start + sent // len(groups), self.wall0_us + int(sent * 1e6 / rate), s.size)
                 frame = text_frame(body)
                 for transport in members.get(group, ()):
                     transport.write(frame)
                 sent += 1
-            s["sent"] = sent
-            pending = pending or sent < s["total"]
+            s.sent = sent
+            pending = pending or sent < s.total
         if not pending:
             self.loop.stop()
             self.finish(time.monotonic() - self.t0)
@@ -181,11 +180,11 @@ class Generator:
     def finish(self, elapsed: float) -> None:
         replies = []
         for s in self.streams:
-            per_group = s["total"] // len(s["groups"])
-            for g in s["groups"]:
-                self.seqs[g] = s["start"] + per_group
-            replies.append({"seq_start": s["start"], "seq_end": s["start"] + per_group,
-                            "published": s["total"], "rate": s["total"] / elapsed})
+            per_group = s.total // len(s.groups)
+            for g in s.groups:
+                self.seqs[g] = s.start + per_group
+            replies.append({"seq_start": s.start, "seq_end": s.start + per_group,
+                            "published": s.total, "rate": s.total / elapsed})
         cpu = (time.process_time() - self.cpu0) / elapsed
         self.done({"ok": True, "start": self.wall0_us / 1e6, "elapsed": elapsed, "cpu": cpu, "streams": replies})
 

@@ -215,7 +215,7 @@ class LoadGen:
 
         def socket_factory(parsed: Any) -> socket.socket:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(rcvbuf))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(rcvbuf or 0))
             return s
 
         async def one(i: int) -> None:
@@ -225,7 +225,7 @@ class LoadGen:
             client_msg = json.dumps({"groups": subs}).encode()
             async with sem:
                 try:
-                    _, client = await asyncio.wait_for(
+                    _, listener = await asyncio.wait_for(
                         ws_connect(
                             lambda: Client(tag, client_msg),
                             url,
@@ -235,6 +235,8 @@ class LoadGen:
                         ),
                         timeout,
                     )
+                    assert isinstance(listener, Client)
+                    client = listener
                     await asyncio.wait_for(client.ready, timeout)
                 except Exception as exc:
                     # Refusals, timeouts, resets, handshake errors: each counted by kind and

@@ -76,23 +76,25 @@ class Child:
                 cwd=ROOT,
                 preexec_fn=raise_nofile,
             )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._stdin, self._stdout = self.proc.stdin, self.proc.stdout
         self._buf = b""
         self._sel = selectors.DefaultSelector()
-        self._sel.register(self.proc.stdout, selectors.EVENT_READ)
+        self._sel.register(self._stdout, selectors.EVENT_READ)
         self.hello = self.read(ready_timeout)
         self.pid: int = self.proc.pid
 
     def send(self, cmd: dict[str, Any]) -> None:
         try:
-            self.proc.stdin.write(json.dumps(cmd).encode() + b"\n")
-            self.proc.stdin.flush()
+            self._stdin.write(json.dumps(cmd).encode() + b"\n")
+            self._stdin.flush()
         except BrokenPipeError:
             raise BenchError(f"{self.name} is gone (exit {self.proc.poll()}); see {self.log}") from None
 
     def read(self, timeout: float) -> dict[str, Any]:
         """The next reply line; :class:`BenchError` after ``timeout`` s or if the child exits."""
         deadline = time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
+        fd = self._stdout.fileno()
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -133,7 +135,8 @@ def loadgen(log: Path) -> Child:
 
 
 def publisher(amqp_url: str, exchange: str, log: Path) -> Child:
-    return Child("publisher", [sys.executable, "-m", "bench.publisher", "--amqp-url", amqp_url, "--exchange", exchange], log)
+    argv = [sys.executable, "-m", "bench.publisher", "--amqp-url", amqp_url, "--exchange", exchange]
+    return Child("publisher", argv, log)
 
 
 class Server:
@@ -147,6 +150,10 @@ class Server:
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/websocket/?token=bench-token"
+
+    def wait_connections(self, n: int, timeout: float = 30.0) -> None:
+        """Wait until the server holds ``n`` open websockets."""
+        raise NotImplementedError
 
     def stop(self) -> None:
         raise NotImplementedError
@@ -190,7 +197,6 @@ class TowerwsServer(Server):
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                                          stdin=subprocess.DEVNULL, preexec_fn=raise_nofile)
         self.pid = self.proc.pid
-        self.feed: Child | None = None
         try:
             self._wait_ready(60)
             self.feed = publisher(amqp_url, self.exchange, logdir / f"{label}-publisher.log")
@@ -228,7 +234,7 @@ class TowerwsServer(Server):
             time.sleep(0.2)
 
     def stop(self) -> None:
-        if self.feed is not None:
+        if hasattr(self, "feed"):
             self.feed.stop()
         _stop(self.proc)
         delete_amqp(self.amqp_url, self.exchange, f"towerws.{self.node_id}")

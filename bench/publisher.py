@@ -31,7 +31,7 @@ import socket
 import struct
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -183,22 +183,20 @@ class Stream:
     groups: list[str]
     rate: float
     size: int = DEFAULT_SIZE
-    keys: list[bytes] = field(default_factory=list)
     sent: int = 0
     total: int = 0
+    start: int = 0
 
 
 def run_publish(pub: RawPublisher, seqs: dict[str, int], duration: float, specs: list[dict[str, Any]]) -> dict:
     """Publish the streams in ``specs`` for ``duration`` seconds; the reply of a ``publish`` command."""
     streams = [Stream(list(s["groups"]), float(s["rate"]), int(s.get("size", DEFAULT_SIZE))) for s in specs]
-    starts = []
     for s in streams:
-        rounds = messages_per_group(s.rate, duration, len(s.groups))
-        s.total = rounds * len(s.groups)
+        s.total = messages_per_group(s.rate, duration, len(s.groups)) * len(s.groups)
         base = {seqs.get(g, 0) for g in s.groups}
         if len(base) != 1:
             raise ValueError("the groups of one stream must share their seq counter")
-        starts.append(base.pop())
+        s.start = base.pop()
     cpu0 = time.process_time()
     t0 = time.monotonic()
     wall0_us = time.time_ns() // 1000
@@ -208,12 +206,12 @@ def run_publish(pub: RawPublisher, seqs: dict[str, int], duration: float, specs:
         elapsed = now - t0
         pending = False
         chunks: list[bytes] = []
-        for s, start in zip(streams, starts):
+        for s in streams:
             due = min(s.total, int(s.rate * elapsed) + 1)
             n = min(due - s.sent, batch_cap)
             for _ in range(max(0, n)):
                 group = s.groups[s.sent % len(s.groups)]
-                seq = start + s.sent // len(s.groups)
+                seq = s.start + s.sent // len(s.groups)
                 # The scheduled send time: a publisher held back (broker flow control,
                 # a busy CPU) shows as latency, not as a silently lower rate.
                 sent_us = wall0_us + int(s.sent * 1e6 / s.rate)
@@ -233,14 +231,15 @@ def run_publish(pub: RawPublisher, seqs: dict[str, int], duration: float, specs:
     elapsed = time.monotonic() - t0
     pub.check()
     replies = []
-    for s, start in zip(streams, starts):
+    for s in streams:
         per_group = s.total // len(s.groups)
         for g in s.groups:
-            seqs[g] = start + per_group
+            seqs[g] = s.start + per_group
         replies.append(
-            {"seq_start": start, "seq_end": start + per_group, "published": s.total, "rate": s.total / elapsed}
+            {"seq_start": s.start, "seq_end": s.start + per_group, "published": s.total, "rate": s.total / elapsed}
         )
-    return {"ok": True, "start": wall0_us / 1e6, "elapsed": elapsed, "cpu": (time.process_time() - cpu0) / elapsed, "streams": replies}
+    cpu = (time.process_time() - cpu0) / elapsed
+    return {"ok": True, "start": wall0_us / 1e6, "elapsed": elapsed, "cpu": cpu, "streams": replies}
 
 
 def main(argv: list[str] | None = None) -> int:

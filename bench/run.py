@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     doc: dict[str, Any] = {
         "command": command.strip(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": _commit(),
         "machine": report.machine(broker),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},

@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.payload import messages_per_group
 from bench.procs import BenchError, CeilingServer, Child, Monitor, Server, TowerwsServer, loadgen, towerws_options
@@ -55,7 +56,7 @@ class Config:
     verbose: bool = True
 
     @classmethod
-    def make(cls, amqp_url: str, logdir: Path, quick: bool) -> "Config":
+    def make(cls, amqp_url: str, logdir: Path, quick: bool) -> Config:
         if not quick:
             return cls(amqp_url, logdir)
         return cls(
@@ -69,7 +70,7 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Field-by-field median of the numeric fields of ``runs`` (booleans: all true)."""
     out: dict[str, Any] = {}
     for key in runs[0]:
-        values = [r.get(key) for r in runs]
+        values: list[Any] = [r.get(key) for r in runs]
         if all(isinstance(v, bool) for v in values):
             out[key] = all(values)
         elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -79,8 +80,11 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+S = TypeVar("S", bound=Server)
+
+
 @contextmanager
-def started(make: Callable[[], Server]) -> Iterator[Server]:
+def started(make: Callable[[], S]) -> Iterator[S]:
     server = make()
     try:
         yield server
@@ -120,7 +124,7 @@ def _rate_search(cfg: Config, server_kind: str, sizes: list[int], own_groups: bo
         label = f"{server_kind}-{'many' if own_groups else 'fanout'}-{c}"
         _say(cfg, f"  C={c}")
 
-        def make() -> Server:
+        def make(label: str = label) -> Server:
             if server_kind == "ceiling":
                 return CeilingServer(cfg.logdir, label)
             return TowerwsServer(cfg.amqp_url, cfg.logdir, label)
@@ -194,7 +198,7 @@ def idle(cfg: Config) -> dict[str, Any]:
     runs = []
     for i in range(cfg.runs):
         label = f"idle-{c}-{i + 1}"
-        with started(lambda: TowerwsServer(cfg.amqp_url, cfg.logdir, label)) as server, \
+        with started(partial(TowerwsServer, cfg.amqp_url, cfg.logdir, label)) as server, \
                 load_generator(cfg, label) as lg:
             mon = Monitor(server.pid)
             time.sleep(1.0)
@@ -220,7 +224,7 @@ def connect(cfg: Config) -> dict[str, Any]:
     """Handshake + accept + groups message + groups reply, ``connect_size`` clients, 256 in flight."""
     n = cfg.connect_size
     runs = []
-    with started(lambda: TowerwsServer(cfg.amqp_url, cfg.logdir, "connect")) as server, \
+    with started(partial(TowerwsServer, cfg.amqp_url, cfg.logdir, "connect")) as server, \
             load_generator(cfg, "connect") as lg:
         mon = Monitor(server.pid)
         for i in range(cfg.runs):
@@ -250,7 +254,7 @@ def slow_client(cfg: Config) -> dict[str, Any]:
     runs = []
     for i in range(cfg.runs):
         label = f"slow-{i + 1}"
-        with started(lambda: TowerwsServer(cfg.amqp_url, cfg.logdir, label, extra)) as server, \
+        with started(partial(TowerwsServer, cfg.amqp_url, cfg.logdir, label, extra)) as server, \
                 load_generator(cfg, label) as lg:
             runs.append(_slow_run(cfg, server, lg))
             r = runs[-1]
