@@ -152,11 +152,11 @@ def find_max(rig: Rig, duration: float, probe_rate: float, guess: float | None =
              refine: int = 2) -> tuple[Trial | None, list[Trial]]:
     """The passing trial with the highest rate found, and every trial run.
 
-    Without ``guess``, a one-second probe at ``probe_rate`` (meant to overload)
-    measures what the clients receive while the server is saturated; the search
-    starts at 60% of that (throughput under overload, with many messages per
-    write, is well above the rate the server sustains at bounded latency) and
-    steps by 1.2x / 0.8x.  With ``guess`` (an earlier run's result) it starts
+    Without ``guess``, a one-second probe at ``probe_rate`` (meant to overload;
+    doubled while it still passes) measures what the clients receive while the
+    server is saturated; the search starts at 60% of that (throughput under
+    overload, with many messages per write, is well above the rate the server
+    sustains at bounded latency) and steps by 1.2x / 0.8x.  With ``guess`` (an earlier run's result) it starts
     there and steps by 1.1x / 0.9x.  Then ``refine`` bisection steps.
     """
     trials: list[Trial] = []
@@ -166,15 +166,20 @@ def find_max(rig: Rig, duration: float, probe_rate: float, guess: float | None =
         trials.append(t)
         return t
 
+    best: Trial | None = None
     if guess is None:
         probe = run(probe_rate, 1.0)
+        for _ in range(3):
+            if not probe.passed:
+                break
+            best = probe  # sustained even at the probe rate: probe higher
+            probe = run(probe.rate * 2, 1.0)
         if probe.passed:
-            return probe, trials  # the probe rate itself is sustained: nothing higher is asked for
-        guess = 0.6 * probe.fps / rig.fanout
+            return probe, trials
+        guess = max(0.6 * probe.fps / rig.fanout, best.rate if best else 0.0)
         up, down, steps = 1.2, 0.8, 5
     else:
         up, down, steps = 1.1, 0.9, 3
-    best: Trial | None = None
     fail: float | None = None
     t = run(guess)
     if t.passed:
