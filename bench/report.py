@@ -223,7 +223,7 @@ _METHOD = """\
   a trial passes when every client got every message (zero loss), the
   feed reached 97% of the asked rate and p99 latency stayed under {limit:.0f} ms.
   "half-rate" columns are a trial at half that maximum.
-- CPU in cores (1.00 = one core busy), server CPU and peak RSS (VmHWM, reset per run) from /proc.
+- CPU in cores (1.00 = one core busy), server CPU and peak RSS (VmHWM, reset before each trial) from /proc.
 - Each number is the median of {runs} run(s).
 """
 
@@ -237,6 +237,7 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
         + (", **quick mode: 1 run, small sizes, numbers only indicative**" if doc["config"]["quick"] else "")
         + ").",
         "",
+        *([f"**Note:** {doc['note']}", ""] if doc.get("note") else []),
         "## Machine",
         "",
         f"- CPU: {m['cpu']}, {m['cores']} cores; RAM {m['ram_gib']} GiB; Linux {m['kernel']}",
@@ -256,6 +257,8 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
         if "error" in res:
             parts += [f"Failed: `{res['error']}`", ""]
             continue
+        params = ", ".join(f"{k} {v}" for k, v in res.get("params", {}).items())
+        parts += [f"Parameters: {params}.", ""]
         for head, rows in tables(name, res, doc["results"]):
             parts += [md_table(head, rows), ""]
         parts += [f"- {line}" for line in notes(name, res)] + [""] * bool(notes(name, res))
@@ -276,3 +279,24 @@ def _profile_md(name: str, prof: dict[str, Any]) -> list[str]:
         md_table(["file (self time)", "share"], [[f"`{f}`", f"{p}%"] for f, p in prof.get("self_by_file", [])]), "",
         md_table(["function (inclusive)", "share"], [[f"`{f}`", f"{p}%"] for f, p in prof.get("inclusive", [])]), "",
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Render a results page again from a results JSON (e.g. after adding a note)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    parser.add_argument("results", type=Path, help="results JSON written by bench.run")
+    parser.add_argument("markdown", type=Path, help="page to write, e.g. bench/RESULTS.md")
+    parser.add_argument("--note", help="a remark shown under the title (how the machine was used, ...)")
+    args = parser.parse_args(argv)
+    doc = json.loads(args.results.read_text())
+    if args.note is not None:
+        doc["note"] = args.note
+        args.results.write_text(json.dumps(doc, indent=1))
+    write_markdown(args.markdown, doc)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

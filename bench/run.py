@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="client counts for fanout, ceiling and many-groups (default 100 1000 5000)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the server during C=1,000 fanout and many-groups trials at the maximum rate")
+    parser.add_argument("--note", help="a remark shown under the title of the results page")
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP)
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results-latest.json, "
                                                   "quick: bench/results-quick.json)")
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     doc: dict[str, Any] = {
         "command": command.strip(),
+        "note": args.note,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": _commit(),
         "machine": report.machine(broker),

@@ -47,10 +47,10 @@ class Config:
     connect_concurrency: int = 256
     slow_normal: int = 1000
     slow_stalled: int = 10
-    slow_rate: float = 50.0
-    slow_flood_rate: float = 40.0
-    slow_flood_size: int = 32 * KiB
-    slow_duration: float = 10.0
+    slow_rate: float = 20.0
+    slow_flood_rate: float = 24.0
+    slow_flood_size: int = 64 * KiB
+    slow_duration: float = 12.0
     profile: bool = False
     profile_seconds: float = 10.0
     verbose: bool = True
@@ -62,7 +62,7 @@ class Config:
         return cls(
             amqp_url, logdir, quick=True, runs=1, trial_duration=2.0, drain=6.0,
             fanout_sizes=[100, 1000], many_groups_sizes=[1000], idle_size=2000, connect_size=1000,
-            slow_normal=200, slow_duration=6.0,
+            slow_normal=200, slow_duration=8.0,
         )
 
 
@@ -273,8 +273,10 @@ def slow_client(cfg: Config) -> dict[str, Any]:
 def _slow_run(cfg: Config, server: TowerwsServer, lg: Child) -> dict[str, Any]:
     _connect(lg, server, "normal", cfg.slow_normal, groups={"job_events": [1]})
     # Each stalled client also watches its own busy job (job_events-1001, ...): a flood of
-    # large messages that fills its buffers in seconds, separately from the others' (a
-    # message shared by several stalled clients would be buffered once, its bytes shared).
+    # large messages (1.5 MiB/s each by default: more than the 90 MiB growth target over the
+    # phase unless the server bounds what it buffers) that fills its buffers in seconds,
+    # separately from the others' (a message shared by several stalled clients would be
+    # buffered once, its bytes shared).
     # A small receive buffer keeps the client's kernel from hiding the stall.
     _connect(lg, server, "slow", cfg.slow_stalled, groups={"job_events": [1]}, own_key="job_events",
              own_base=1001, track=False, rcvbuf=4096)
