@@ -5,7 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= etc/towerws.conf
 
-.PHONY: run test test-deps clean
+BENCH_STAMP := $(VENV)/.installed-bench
+
+.PHONY: run test test-deps bench bench-quick clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +36,22 @@ test-deps:
 		|| echo "make test: nginx could not be installed; the nginx test will be skipped"
 	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) \
 		|| echo "make test: chromium could not be installed; the browser test will be skipped"
+
+# The benchmark suite (bench/README.md): about 10 minutes; writes bench/RESULTS.md,
+# including a py-spy profile of the server on the fan-out path.
+# Needs RabbitMQ on 127.0.0.1:5672 (started like for make test when it is installed).
+bench: $(BENCH_STAMP)
+	$(PY) -m bench.run --profile $(BENCH_ARGS)
+
+# One run of each scenario at small sizes (a few minutes; numbers only indicative).
+bench-quick: $(BENCH_STAMP)
+	$(PY) -m bench.run --quick $(BENCH_ARGS)
+
+$(BENCH_STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info _trial_temp

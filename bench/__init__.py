@@ -1,0 +1,1 @@
+"""towerws benchmark suite (issue 7): ``python -m bench.run``; see ``bench/README.md``."""
