@@ -11,7 +11,7 @@ import pytest
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import AMQP_URL, Server, aio_test, connect, http_get, raw_websocket, read_to_eof, server_options, wait
+from conftest import AMQP_URL, ROOT, Server, aio_test, connect, http_get, raw_websocket, read_to_eof, server_options, wait
 
 # -- health and readiness ---------------------------------------------------------------
 
@@ -308,3 +308,26 @@ def test_latency_histogram_exposes_what_prometheus_client_would() -> None:
         mine.observe(v)
         theirs.observe(v)
     assert generate_latest(ours) == generate_latest(reference)
+
+
+# -- the heap ---------------------------------------------------------------------------
+
+
+def test_twistd_freezes_the_start_up_heap_and_tests_do_not() -> None:
+    import gc
+
+    from twisted.plugins.towerws_plugin import serviceMaker
+
+    from towerws.app import freeze_heap
+
+    opts = serviceMaker.options()
+    opts.parseOptions(["--listen", "tcp:0:interface=127.0.0.1", "--tokens-file", str(ROOT / "etc" / "tokens.dev.json")])
+    assert serviceMaker.makeService(opts).freeze_heap is False  # no twistd around it: a test process
+    opts.parent = object()  # twistd's own options, as under `twistd towerws`
+    assert serviceMaker.makeService(opts).freeze_heap is True
+    before = gc.get_freeze_count()
+    freeze_heap()
+    try:
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()

@@ -63,6 +63,8 @@ class TowerServiceMaker:
         from towerws.app import make_service
 
         service = make_service(options.settings)
+        # A process of its own (not a test's): start-up objects leave the GC's scans.
+        service.freeze_heap = options.parent is not None
         if options.settings.log_format == "json" and options.parent is not None:
             from towerws.logs import json_observer, twistd_log_file
 
