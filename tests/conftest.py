@@ -37,6 +37,7 @@ VENV_BIN = Path(sys.executable).parent
 BROKER = ("127.0.0.1", 5672)
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 TIMEOUT = 10.0
+EXCHANGE_TYPE = "direct"  # towerws's default exchange_type
 
 TOKENS = {
     "token-admin": {"id": 1, "username": "admin", "is_superuser": True},
@@ -131,8 +132,9 @@ async def http_get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes
 class Publisher:
     """A pika publisher, as the API tier would use; blocking calls run in one worker thread."""
 
-    def __init__(self, exchange: str):
+    def __init__(self, exchange: str, exchange_type: str = EXCHANGE_TYPE):
         self.exchange = exchange
+        self.exchange_type = exchange_type
         self._executor = ThreadPoolExecutor(max_workers=1)
         self._conn: pika.BlockingConnection | None = None
 
@@ -140,7 +142,8 @@ class Publisher:
         if self._conn is None or self._conn.is_closed:
             self._conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
             self._ch = self._conn.channel()
-            self._ch.exchange_declare(self.exchange, "topic", durable=True)
+            # As towerws declares it (a different type would be refused by the broker).
+            self._ch.exchange_declare(self.exchange, self.exchange_type, durable=True)
             self._ch.confirm_delivery()
         return self._ch
 
@@ -188,17 +191,18 @@ class Message:
 
 
 class Bound:
-    """A topic exchange of the test's own (or ``exchange``) and an exclusive queue bound to it with ``#``."""
+    """An exclusive queue bound to a topic exchange of the test's own with ``#``, or to towerws's ``exchange`` with ``keys``."""
 
-    def __init__(self, exchange: str | None = None) -> None:
+    def __init__(self, exchange: str | None = None, keys: tuple[str, ...] = ("#",)) -> None:
         self.owned = exchange is None
         self.exchange = exchange or unique("towerws-emit-test")
         self.conn = pika.BlockingConnection(_params())
         self.channel = self.conn.channel()
-        self.channel.exchange_declare(self.exchange, "topic", durable=True)
+        self.channel.exchange_declare(self.exchange, "topic" if self.owned else EXCHANGE_TYPE, durable=True)
         self.channel.basic_qos(prefetch_count=1)  # keeps requeued leftovers in order
         self.queue = self.channel.queue_declare("", exclusive=True).method.queue
-        self.channel.queue_bind(self.queue, self.exchange, "#")
+        for key in keys:
+            self.channel.queue_bind(self.queue, self.exchange, key)
 
     def get(self, count: int, timeout: float = TIMEOUT) -> list[Message]:
         """Exactly ``count`` messages, waiting at most ``timeout`` seconds for them."""

@@ -19,7 +19,7 @@ import pytest
 import pytest_twisted
 
 from brokerproxy import BrokerProxy
-from conftest import AMQP_URL, Client, Server, aio, aio_test, connect, unique, wait
+from conftest import AMQP_URL, Client, Publisher, Server, aio, aio_test, connect, unique, wait
 from logcapture import LogCapture
 
 
@@ -266,3 +266,30 @@ async def test_deleted_queue_is_declared_and_bound_again(server: Server, publish
     assert await ws.recv_json() == {"n": 2}
     await ws.close()
 
+
+# -- the exchange type ------------------------------------------------------------------
+
+
+@aio_test
+async def test_a_topic_exchange_works_too(server_factory, exchange: str) -> None:
+    server: Server = await server_factory(exchange_type="topic")
+    publisher = Publisher(exchange, "topic")  # declares it topic as well: the broker agrees
+    try:
+        client = await server.connect()
+        await client.subscribe({"jobs": ["status_changed"]})
+        await publisher.publish("jobs-status_changed", {"n": 1})
+        assert await client.recv_json() == {"n": 1}
+        await client.close()
+    finally:
+        publisher.close()
+
+
+@aio_test
+async def test_an_exchange_of_another_type_is_refused_with_the_brokers_reason(server_factory, exchange: str) -> None:
+    someone = Publisher(exchange, "topic")  # declared it topic before towerws came
+    someone.run(lambda channel: None)
+    someone.close()
+    with LogCapture() as log:
+        server: Server = await server_factory(ready=False)  # direct, the default
+        await log.wait_for("inequivalent arg 'type'", count=2)  # said why, and retried
+    assert not server.service.ready()

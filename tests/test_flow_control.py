@@ -182,3 +182,4 @@ async def test_permessage_deflate_is_not_negotiated(server: Server, publisher) -
     await publisher.publish(GROUP, {"seq": 0})
     await expect_sequence(client, 0, 1)
     await client.close()
+

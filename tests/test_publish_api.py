@@ -56,7 +56,7 @@ def api_server(server_factory: Any, secret_file: str) -> Server:
 async def test_publish_one_reaches_subscribers_and_is_queued_when_202(api_server: Server, exchange: str) -> None:
     ws = await api_server.connect()
     await ws.subscribe({"jobs": ["status_changed"]})
-    bound = await asyncio.to_thread(Bound, exchange)
+    bound = await asyncio.to_thread(Bound, exchange, ("jobs-status_changed",))
     try:
         code, body, _ = await post(api_server, {"group": "jobs-status_changed", "payload": {"status": "running", "id": 42}})
         assert (code, body) == (202, {"published": 1})

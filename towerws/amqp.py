@@ -446,7 +446,7 @@ class AMQPService(Service):
         await client.start(f"\0{self.address.username}\0{self.address.password}", mechanism="PLAIN")
         channel = await client.channel(CHANNEL)
         await channel.channel_open()
-        await channel.exchange_declare(exchange=s.exchange, type="topic", durable=True)
+        await channel.exchange_declare(exchange=s.exchange, type=s.exchange_type, durable=True)
         # Durable, so the queue and its bindings (to the durable exchange) also
         # survive a broker restart: messages published before this node is back
         # wait for it instead of going nowhere.

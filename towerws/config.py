@@ -74,6 +74,12 @@ def _optional_strports(text: str) -> str | None:
     return _strports(text) if text.strip() else None
 
 
+def _exchange_type(text: str) -> str:
+    if text not in ("direct", "topic"):
+        raise ValueError("must be direct or topic")
+    return text
+
+
 def _log_format(text: str) -> str:
     if text not in ("text", "json"):
         raise ValueError("must be text or json")
@@ -203,7 +209,11 @@ class Settings:
         "RabbitMQ URL, amqp:// or amqps:// (vhost URL-encoded); none: single node, in-process bus, no RabbitMQ",
         shown="amqp://guest:guest@localhost:5672/%2F",
     )
-    exchange: str = option("towerws", _name, "topic exchange publishers send to (declared durable at start)")
+    exchange: str = option("towerws", _name, "exchange publishers send to (declared durable at start)")
+    exchange_type: str = option(
+        "direct", _exchange_type,
+        "direct (routing key = group name, RabbitMQ's cheapest routing) or topic (lets other consumers bind patterns)",
+    )
     tokens_file: TokenFile | None = option(
         None, TokenFile.load, "JSON file of static development tokens: {\"token\": {\"id\": 7, ...}}"
     )

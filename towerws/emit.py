@@ -1,6 +1,6 @@
 """Publish live updates to towerws from synchronous code (Django/uWSGI) and from the shell.
 
-The AMQP contract: a durable **topic** exchange (default ``towerws``, declared by the
+The AMQP contract: a durable exchange (default ``towerws``, direct or topic, declared by the
 towerws server at its start; publishers never declare it), routing key = group name,
 body = UTF-8 JSON, content type ``application/json``.
 
@@ -455,7 +455,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--amqp-url", default=os.environ.get("TOWERWS_AMQP_URL") or DEFAULT_AMQP_URL,
                         help="RabbitMQ URL (env TOWERWS_AMQP_URL; default " + DEFAULT_AMQP_URL.replace("%", "%%") + ")")
     parser.add_argument("--exchange", default=os.environ.get("TOWERWS_EXCHANGE") or DEFAULT_EXCHANGE,
-                        help="topic exchange (env TOWERWS_EXCHANGE; default %(default)s)")
+                        help="exchange towerws consumes (env TOWERWS_EXCHANGE; default %(default)s)")
     parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT,
                         help="seconds to wait for the broker (default %(default)g)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print one line per published message")

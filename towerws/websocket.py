@@ -188,11 +188,11 @@ class TowerProtocol(WebSocketServerProtocol):
     # to the transport.
     #
     # The protocol is its transport's streaming producer: the transport pauses
-    # it while its buffer is over the threshold (on plain TCP: holds anything at
-    # all) and resumes it once the buffer is empty.  Bytes queued while paused
-    # are counted; past max_pending_bytes the client is a slow consumer and is
-    # closed, so a client that stops reading costs at most that much memory, and
-    # nobody else waits for it.
+    # it while its buffer is over its threshold (64 KiB; on plain TCP also as
+    # soon as a direct send left bytes to it) and resumes it once the buffer is
+    # empty.  Bytes queued while paused are counted; past max_pending_bytes the
+    # client is a slow consumer and is closed, so a client that stops reading
+    # costs at most that much memory, and nobody else waits for it.
 
     _paused = False
     #: bytes queued since the transport last had an empty buffer
@@ -426,7 +426,6 @@ class TowerFactory(WebSocketServerFactory):
             allowNullOrigin=True,
         )
         self.protocol = _with_options(self.protocol, self)
-
 
     def flush_later(self, protocol: TowerProtocol) -> None:
         """Flush ``protocol``'s outbox at the end of this reactor turn."""
