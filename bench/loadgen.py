@@ -156,10 +156,18 @@ class Client(WSListener):
             self.gone.set_result(None)
 
     def outcome(self) -> int | str:
-        """The close code received, else ``"open"`` or ``"dropped"`` (gone without a close frame)."""
+        """The close code received, else ``"dropped"`` (gone without a close frame), else the kernel's TCP state.
+
+        A paused uvloop transport whose peer reset the connection does not always
+        report it once reading resumes; the socket's TCP state (``closed``: reset,
+        ``close_wait``: closed by the server) still tells, ``open`` only while established.
+        """
         if self.close_code is not None:
             return self.close_code
-        return "dropped" if self.gone.done() else "open"
+        if self.gone.done():
+            return "dropped"
+        state = self.tcp_state()
+        return "open" if state == "established" else state
 
     def tcp_state(self) -> str:
         """The kernel's TCP state of this client's socket (``close_wait``: the server closed)."""
