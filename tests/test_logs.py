@@ -26,9 +26,9 @@ def emit(**kw) -> list[dict]:
 
 
 def test_event_fields_are_kept_and_the_message_formatted() -> None:
-    record = emit(level=LogLevel.info, format="websocket {conn} open for user {user} from {peer}",
+    record = emit(level=LogLevel.info, format="websocket {conn} closed: user {user} from {peer}",
                   conn=3, user=7, peer="tcp4:127.0.0.1:5000", reason="a \"quoted\"\nline")
-    assert record["message"] == "websocket 3 open for user 7 from tcp4:127.0.0.1:5000"
+    assert record["message"] == "websocket 3 closed: user 7 from tcp4:127.0.0.1:5000"
     assert (record["conn"], record["user"], record["peer"]) == (3, 7, "tcp4:127.0.0.1:5000")
     assert record["reason"] == "a \"quoted\"\nline"  # escaped: still one line
     assert (record["level"], record["namespace"], record["node_id"]) == ("info", "towerws.test", "node-a")
