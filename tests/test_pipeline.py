@@ -13,7 +13,7 @@ import pytest
 import websockets
 
 from conftest import Client, Server, aio_test, connect, http_get, read_to_eof
-from towerws.web import MAX_HEAD, is_websocket_upgrade
+from towerws.web import MAX_HEAD
 
 pytestmark = pytest.mark.usefixtures("server")
 
@@ -81,21 +81,6 @@ async def test_other_paths_are_404(server: Server, path: str) -> None:
 async def test_plain_http_on_the_websocket_path_is_426(server: Server, path: str) -> None:
     status, headers, body = await http_get(f"{server.http}{path}?token=token-alice")
     assert status == 426 and headers["upgrade"] == "websocket" and b"websocket only" in body
-
-
-@pytest.mark.parametrize("head, upgrade", [
-    (b"GET /websocket/?token=t HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade", True),
-    (b"GET /websocket HTTP/1.1\r\nupgrade:  WebSocket", True),
-    (b"GET /websocket/ HTTP/1.1\r\nHost: h", False),  # no Upgrade: Twisted Web answers 426
-    (b"GET /websocket/x HTTP/1.1\r\nUpgrade: websocket", True),  # Autobahn: 404
-    (b"GET /websocketx HTTP/1.1\r\nUpgrade: websocket", False),  # Twisted Web: 404
-    (b"POST /websocket/ HTTP/1.1\r\nUpgrade: websocket", False),
-    (b"GET /metrics HTTP/1.1\r\nUpgrade: websocket", False),
-    (b"\x16\x03\x01 garbage", False),
-    (b"", False),
-])
-def test_which_first_requests_go_straight_to_autobahn(head: bytes, upgrade: bool) -> None:
-    assert is_websocket_upgrade(head) is upgrade
 
 
 @aio_test

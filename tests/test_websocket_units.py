@@ -1,8 +1,10 @@
-"""The websocket protocol without a network: options, producer registration, the slow-consumer bound."""
+"""The websocket side without a network: routing of first requests, options, producer registration, the slow-consumer bound."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from twisted.internet.address import IPv4Address
@@ -13,7 +15,23 @@ from towerws.auth import AllowAll, StaticTokenAuthenticator, User
 from towerws.bus import LocalBus
 from towerws.config import load
 from towerws.hub import Hub
+from towerws.web import is_websocket_upgrade
 from towerws.websocket import CLOSE_TRY_AGAIN_LATER, TowerFactory, TowerProtocol, text_frame
+
+
+@pytest.mark.parametrize("head, upgrade", [
+    (b"GET /websocket/?token=t HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade", True),
+    (b"GET /websocket HTTP/1.1\r\nupgrade:  WebSocket", True),
+    (b"GET /websocket/ HTTP/1.1\r\nHost: h", False),  # no Upgrade: Twisted Web answers 426
+    (b"GET /websocket/x HTTP/1.1\r\nUpgrade: websocket", True),  # Autobahn: 404
+    (b"GET /websocketx HTTP/1.1\r\nUpgrade: websocket", False),  # Twisted Web: 404
+    (b"POST /websocket/ HTTP/1.1\r\nUpgrade: websocket", False),
+    (b"GET /metrics HTTP/1.1\r\nUpgrade: websocket", False),
+    (b"\x16\x03\x01 garbage", False),
+    (b"", False),
+])
+def test_which_first_requests_go_straight_to_autobahn(head: bytes, upgrade: bool) -> None:
+    assert is_websocket_upgrade(head) is upgrade
 
 
 def make_protocol(**options: str) -> tuple[TowerProtocol, StringTransport]:
