@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import socket
+import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -335,9 +337,19 @@ async def connect(url: str, token: str | None = "token-alice", accept: bool = Tr
     return client
 
 
-async def raw_websocket(port: int, token: str = "token-alice") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A client that completes the handshake, then never answers anything (not even a close)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def raw_websocket(
+    port: int, token: str = "token-alice", rcvbuf: int | None = None, tls: ssl.SSLContext | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client that completes the handshake, then never answers anything (not even a close).
+
+    ``rcvbuf``: the socket's receive buffer (small: the TCP window closes soon); ``tls``: wss to ``localhost``.
+    """
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port)), TIMEOUT)
+    reader, writer = await asyncio.open_connection(sock=sock, ssl=tls, server_hostname="localhost" if tls else None)
     writer.write(
         f"GET /websocket/?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -345,6 +357,24 @@ async def raw_websocket(port: int, token: str = "token-alice") -> tuple[asyncio.
     )
     assert b" 101 " in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
     return reader, writer
+
+
+def ws_frame(fin: bool, rsv: int, opcode: int, masked: bool, payload: bytes, lie: int = 0) -> bytes:
+    """A websocket frame with any header bits, optionally lying about its length."""
+    length = max(0, len(payload) + lie)
+    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
+    mask_bit = 0x80 if masked else 0
+    if length < 126:
+        head += bytes([mask_bit | length])
+    elif length < 65536:
+        head += bytes([mask_bit | 126]) + struct.pack("!H", length)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack("!Q", length)
+    if masked:
+        key = b"\x01\x02\x03\x04"
+        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+        head += key
+    return head + payload
 
 
 async def read_to_eof(reader: asyncio.StreamReader, timeout: float = TIMEOUT) -> bytes:

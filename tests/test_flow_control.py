@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
 import ssl
 import struct
 from pathlib import Path
 
 import pytest
 
-from conftest import TIMEOUT, Client, Server, aio_test, connect, read_to_eof
+from conftest import TIMEOUT, Client, Server, aio_test, connect, raw_websocket, read_to_eof, ws_frame
 from logcapture import LogCapture
 from tlsfiles import CA
 from towerws.websocket import CLOSE_TRY_AGAIN_LATER
@@ -26,13 +24,6 @@ GROUP = "jobs-status_changed"
 LIMIT = 256 * 1024
 PAYLOAD = 2048  # bytes of padding per message
 BATCH = 500  # about 1 MiB per batch
-
-
-def masked_text_frame(payload: bytes) -> bytes:
-    """A client -> server text frame (clients must mask), payload under 126 bytes."""
-    assert len(payload) < 126
-    mask = os.urandom(4)
-    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -50,20 +41,9 @@ async def stalled_subscriber(
     port: int, tls: ssl.SSLContext | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Handshake, subscribe to GROUP, read the reply, then stop reading altogether."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the window closes soon
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-    reader, writer = await asyncio.open_connection(
-        sock=sock, ssl=tls, server_hostname="localhost" if tls else None
-    )
-    writer.write(
-        b"GET /websocket/?token=token-alice HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    assert b" 101 " in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+    reader, writer = await raw_websocket(port, "token-alice", rcvbuf=4096, tls=tls)  # the window closes soon
     assert json.loads((await read_frame(reader))[1])["accept"] is True
-    writer.write(masked_text_frame(json.dumps({"groups": {"jobs": ["status_changed"]}}).encode()))
+    writer.write(ws_frame(True, 0, 0x1, True, json.dumps({"groups": {"jobs": ["status_changed"]}}).encode()))
     assert json.loads((await read_frame(reader))[1])["groups_current"] == [GROUP]
     writer.transport.pause_reading()
     return reader, writer

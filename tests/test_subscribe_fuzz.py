@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.logger import globalLogPublisher
 
-from conftest import TIMEOUT, Client, Server, aio, aio_test
+from conftest import TIMEOUT, Client, Server, aio, aio_test, ws_frame as frame
 from faketower import ALICE, BOB, FakeTower, eventually, fake_tower  # noqa: F401 (fixture)
 
 # Ids the fake API lets ALICE see: the even ones.
@@ -59,24 +58,6 @@ groups_messages = st.fixed_dictionaries(
     optional={"xrftoken": json_values, "extra": json_values},
 ).map(json.dumps)
 texts = groups_messages | json_values.map(json.dumps) | st.text(max_size=100)
-
-
-def frame(fin: bool, rsv: int, opcode: int, masked: bool, payload: bytes, lie: int) -> bytes:
-    """A websocket frame with any header bits, optionally lying about its length."""
-    length = max(0, len(payload) + lie)
-    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
-    mask_bit = 0x80 if masked else 0
-    if length < 126:
-        head += bytes([mask_bit | length])
-    elif length < 65536:
-        head += bytes([mask_bit | 126]) + struct.pack("!H", length)
-    else:
-        head += bytes([mask_bit | 127]) + struct.pack("!Q", length)
-    if masked:
-        key = b"\x01\x02\x03\x04"
-        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-        head += key
-    return head + payload
 
 
 frames = st.builds(

@@ -74,16 +74,13 @@ def _optional_strports(text: str) -> str | None:
     return _strports(text) if text.strip() else None
 
 
-def _exchange_type(text: str) -> str:
-    if text not in ("direct", "topic"):
-        raise ValueError("must be direct or topic")
-    return text
+def _one_of(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError("must be " + " or ".join(allowed))
+        return text
 
-
-def _log_format(text: str) -> str:
-    if text not in ("text", "json"):
-        raise ValueError("must be text or json")
-    return text
+    return parse
 
 
 def _name(text: str) -> str:
@@ -211,7 +208,7 @@ class Settings:
     )
     exchange: str = option("towerws", _name, "exchange publishers send to (declared durable at start)")
     exchange_type: str = option(
-        "direct", _exchange_type,
+        "direct", _one_of("direct", "topic"),
         "direct (routing key = group name, RabbitMQ's cheapest routing) or topic (lets other consumers bind patterns)",
     )
     tokens_file: TokenFile | None = option(
@@ -277,7 +274,7 @@ class Settings:
         None, _optional_strports,
         "serve /metrics, /healthz, /readyz here (e.g. tcp:9108:interface=127.0.0.1) instead of on listen",
     )
-    log_format: str = option("text", _log_format, "log lines: text (twistd's format) or json (one object per line)")
+    log_format: str = option("text", _one_of("text", "json"), "log lines: text (twistd's format) or json (one object per line)")
     drain_timeout: float = option(
         10.0, _non_negative_float, "seconds shutdown waits for clients to leave after close 1001 (going away)"
     )
