@@ -32,7 +32,7 @@ from towerws.auth import AllowAll, StaticTokenAuthenticator
 from towerws.bus import LocalBus
 from towerws.config import load
 from towerws.hub import Hub
-from towerws.websocket import TowerFactory, text_frame
+from towerws.websocket.protocol import TowerFactory, text_frame
 
 
 class NullTransport:

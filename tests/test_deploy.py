@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import configparser
-import json
 import os
 import re
 import shlex

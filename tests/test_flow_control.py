@@ -18,7 +18,7 @@ import pytest
 from conftest import TIMEOUT, Client, Server, aio_test, connect, raw_websocket, read_to_eof, ws_frame
 from logcapture import LogCapture
 from tlsfiles import CA
-from towerws.websocket import CLOSE_TRY_AGAIN_LATER
+from towerws.websocket.protocol import CLOSE_TRY_AGAIN_LATER
 
 GROUP = "jobs-status_changed"
 LIMIT = 256 * 1024

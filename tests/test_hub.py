@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from towerws.hub import Hub, InvalidBody
+from towerws.hub import Hub
+from towerws.messages import InvalidBody
 
 
 class Sub:

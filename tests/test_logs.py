@@ -12,7 +12,9 @@ from twisted.logger import Logger, LogLevel, LogPublisher
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
-from towerws.logs import check_twistd_options, event_as_json, json_observer, twistd_log_file
+from twisted.internet.task import Clock
+
+from towerws.logs import RateLimitedLog, check_twistd_options, event_as_json, json_observer, twistd_log_file
 
 
 def emit(**kw) -> list[dict]:
@@ -64,3 +66,16 @@ def test_log_file_when_twistd_was_given_one(tmp_path: Path) -> None:
 def test_twistd_options_json_cannot_honour(twistd: dict, expected: str) -> None:
     with pytest.raises(ValueError, match=expected):
         check_twistd_options(twistd)
+
+
+def test_rate_limited_log_holds_back_and_counts() -> None:
+    events: list[dict] = []
+    clock = Clock()
+    limited = RateLimitedLog(Logger(observer=events.append), clock, interval=10)
+    for _ in range(5):
+        limited.warn("bad body for {group}", group="g")
+    clock.advance(10)
+    limited.warn("bad body for {group}", group="g")
+    assert len(events) == 2
+    assert events[0]["log_level"] == LogLevel.warn and events[0]["suppressed"] == 0
+    assert events[1]["suppressed"] == 4

@@ -96,7 +96,8 @@ async def test_metrics_move_with_clients_and_messages(server: Server, publisher)
     await a.ws.send("not json")
     assert "error" in await a.recv_json()
     bodies = [json.dumps({"seq": i}).encode() for i in range(3)]
-    await publisher.publish_many([("job_events-1", body, None) for body in bodies] + [("job_events-1", b"{bad", None)])
+    # The invalid body first: once the valid ones arrive, it has been consumed (in order) and dropped.
+    await publisher.publish_many([("job_events-1", b"{bad", None)] + [("job_events-1", body, None) for body in bodies])
     for ws in (a, b):
         assert [await ws.recv_json() for _ in bodies] == [{"seq": i} for i in range(3)]
 

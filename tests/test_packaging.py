@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
@@ -34,11 +33,11 @@ def test_twistd_lists_plugin_in_fresh_venv(tmp_path: Path, editable: bool) -> No
                             timeout=60, cwd=tmp_path)
     assert "--amqp-url" in result.stdout
     # The AMQP spec is package data: it must be importable from the installed package.
-    result = subprocess.run([python, "-c", "from towerws.amqpspec import load_spec; print(len(load_spec().classes))"],
+    result = subprocess.run([python, "-c", "from towerws.amqp.spec import load_spec; print(len(load_spec().classes))"],
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0 and int(result.stdout) >= 6, result.stderr
     # So are the console's page, script and style sheet.
-    result = subprocess.run([python, "-c", "from towerws.console import Console; "
+    result = subprocess.run([python, "-c", "from towerws.websocket.console import Console; "
                              "print(sorted(len(f.content) > 100 for f in Console().files.values()))"],
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == "[True, True, True]", result.stderr

@@ -6,14 +6,13 @@ import asyncio
 import datetime
 import decimal
 import json
-import socket
 import subprocess
 
 import pytest
 import websockets
 
-from conftest import Client, Server, aio_test, connect, http_get, read_to_eof
-from towerws.web import MAX_HEAD
+from conftest import Server, aio_test, connect, http_get, read_to_eof
+from towerws.websocket.web import MAX_HEAD
 
 pytestmark = pytest.mark.usefixtures("server")
 

@@ -16,8 +16,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from conftest import AMQP_URL, Bound, aio_test, unique, wait
-from towerws.confirms import Confirms, PublishError
-from towerws.hub import InvalidBody
+from towerws.amqp.confirms import Confirms
+from towerws.bus import PublishError
+from towerws.messages import InvalidBody
 from towerws.publish import Publisher
 
 UNREACHABLE = "amqp://guest:secretpw@127.0.0.1:1/%2F"

@@ -19,7 +19,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from conftest import AMQP_URL, Bound, Server, aio, aio_test, free_port, wait
 from towerws.config import DEFAULT_GROUPS, SecretFile
-from towerws.publish_api import PublishResource, publishable
+from towerws.websocket.publish_api import PublishResource
 from towerws.subscribe import Allowlist
 
 SECRET = "s3cret-publish-token-0123456789"
@@ -203,7 +203,7 @@ def test_secret_file_errors_do_not_show_the_secret(tmp_path: Path) -> None:
     ("-summary", False), ("jobs-*", False), ("jobs-#", False),
 ])
 def test_publishable_groups(group: str, ok: bool) -> None:
-    assert publishable(Allowlist.parse(DEFAULT_GROUPS), group) is ok
+    assert Allowlist.parse(DEFAULT_GROUPS).publishable(group) is ok
 
 
 class PendingBus:

@@ -10,21 +10,20 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from conftest import ROOT
 from test_twistd import run_twistd
 from towerws import config
-from towerws.auth import AuthUnavailable, Credentials, User, allowed_origins, normalise_origin, origin_allowed
-from towerws.tower import (
+from towerws.auth import (
     DEFAULT_OBJECT_PATHS,
-    Answer,
+    AuthUnavailable,
+    Credentials,
     ObjectPaths,
-    TowerAuthenticator,
-    TTLCache,
-    credential_key,
-    forwarded_headers,
-    parse_me,
+    User,
+    allowed_origins,
+    normalise_origin,
+    origin_allowed,
     tower_url,
 )
+from towerws.tower import Answer, TowerAuthenticator, TTLCache, credential_key, forwarded_headers, parse_me
 
 
 def result(d: Deferred) -> object:

@@ -15,8 +15,8 @@ from towerws.auth import AllowAll, StaticTokenAuthenticator, User
 from towerws.bus import LocalBus
 from towerws.config import load
 from towerws.hub import Hub
-from towerws.web import is_websocket_upgrade
-from towerws.websocket import CLOSE_TRY_AGAIN_LATER, TowerFactory, TowerProtocol, text_frame
+from towerws.websocket.web import is_websocket_upgrade
+from towerws.websocket.protocol import CLOSE_TRY_AGAIN_LATER, TowerFactory, TowerProtocol, text_frame
 
 
 @pytest.mark.parametrize("head, upgrade", [

@@ -14,21 +14,20 @@ import txaio
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IListeningPort, _ISupportsExitSignalCapturing
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 from towerws import __version__
-from towerws.amqp import AMQPService
 from towerws.auth import AllowAll, Authenticator, Authorizer, DenyAll, StaticTokenAuthenticator
-from towerws.bus import LocalBus, NodeBus
+from towerws.bus import Bus, LocalBus
 from towerws.config import Settings
 from towerws.hub import Hub
 from towerws.metrics import Metrics
-from towerws.tower import TowerAPI, TowerAuthenticator, TowerAuthorizer
-from towerws.web import Listener, make_ops_site, make_site, ops_resources
-from towerws.websocket import TowerFactory, text_frame
+from towerws.twisted_internals import forget_exit_signal, listening_port
+from towerws.websocket.protocol import TowerFactory, text_frame
+from towerws.websocket.web import Listener, make_ops_site, make_site, ops_resources
 
 
 class TowerService(MultiService):
@@ -53,12 +52,14 @@ class TowerService(MultiService):
         txaio.set_global_log_level("info")
         self.metrics = Metrics()
         self.hub = Hub(frame=text_frame)
-        self.bus: NodeBus
+        self.bus: Bus
         if settings.amqp_url is None:
             self.bus = LocalBus(self.hub)  # broker-less: one node, nothing to bind
         else:
+            from towerws.amqp.service import AMQPService  # txAMQP is loaded only with a broker
+
             self.bus = AMQPService(settings, self.hub, reactor, self.metrics)
-            self.hub.listener = self.bus.bindings
+        self.hub.listener = self.bus  # a group's first/last local subscriber (un)binds it
         authenticator, authorizer, api = make_auth(settings, reactor, self.metrics)
         if api is not None:
             api.setServiceParent(self)  # closes its connection pool on stop
@@ -82,7 +83,7 @@ class TowerService(MultiService):
             node_id=self.settings.node_id,
             connections=lambda: len(self.factory.connections),
             groups=lambda: len(hub.active_groups),
-            bindings=lambda: len(bus.bindings.bound) if isinstance(bus, AMQPService) else 0,
+            bindings=lambda: bus.bound_count,
             consuming=lambda: bus.ready,
             totals={
                 "towerws_amqp_messages_consumed": ("messages consumed from this node's queue", lambda: bus.consumed),
@@ -158,12 +159,12 @@ class TowerService(MultiService):
 
     def listening(self) -> Deferred[IListeningPort]:
         """The listening port, once bound (useful with ``tcp:0``)."""
-        return _observe(self.listener._waitingForPort)
+        return _observe(listening_port(self.listener))
 
     def ops_listening(self) -> Deferred[IListeningPort]:
         """The ``--metrics-listen`` port, once bound."""
         assert self.ops_listener is not None
-        return _observe(self.ops_listener._waitingForPort)
+        return _observe(listening_port(self.ops_listener))
 
 
 def _observe(d: Deferred[Any]) -> Deferred[Any]:
@@ -202,17 +203,17 @@ def _exit_zero(reactor: Any) -> None:
     # twistd (Twisted >= 23) re-raises the signal that stopped the reactor, so a
     # SIGTERM'd node exits with -15 and systemd/supervisor see "killed". A shutdown
     # that ran to its end is a clean exit: forget the signal, twistd exits 0.
-    # The attribute is the documented hook of _ISupportsExitSignalCapturing.
-    if _ISupportsExitSignalCapturing.providedBy(reactor):
-        reactor._exitSignal = None
+    forget_exit_signal(reactor)
 
 
 def make_auth(
     settings: Settings, reactor: Any, metrics: Metrics | None = None
-) -> tuple[Authenticator, Authorizer, TowerAPI | None]:
+) -> tuple[Authenticator, Authorizer, Service | None]:
     """``--tower-url``: the Tower API decides who and what; else the static tokens file, else nobody."""
     log = Logger()
     if settings.tower_url is not None:
+        from towerws.tower import TowerAPI, TowerAuthenticator, TowerAuthorizer  # treq only with --tower-url
+
         if settings.tokens_file is not None:
             log.warn("--tokens-file is ignored: --tower-url authenticates every websocket")
         api = TowerAPI(settings.tower_url, settings.tower_timeout, reactor, settings.tower_ca_file, metrics)
@@ -229,4 +230,9 @@ def make_auth(
 
 
 def make_service(settings: Settings) -> TowerService:
+    """The node for ``settings``; with a broker, txAMQP is made ready first (once per process)."""
+    if settings.amqp_url is not None:
+        from towerws.amqp import txamqp_internals
+
+        txamqp_internals.install()
     return TowerService(settings)

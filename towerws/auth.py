@@ -5,14 +5,16 @@ An authenticator is anything with ``authenticate(credentials) -> Deferred[User |
 it cannot decide right now (close 1013, the UI retries).  An authorizer decides,
 per groups message, which of the allowlisted groups the user may see
 (:class:`Decision`).  This module holds the static-token authenticator used for
-development and tests, the allow-all authorizer that goes with it, and the
-cross-site checks (Origin, xrftoken); ``towerws.tower`` asks the Tower API instead.
+development and tests, the allow-all authorizer that goes with it, the
+cross-site checks (Origin, xrftoken), and the options that point at the Tower
+API (``--tower-url``, ``--object-paths``); ``towerws.tower`` asks the Tower API.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -206,3 +208,57 @@ class DenyAll:
 
     def authenticate(self, credentials: Credentials) -> Deferred[User | None]:
         return succeed(None)
+
+
+# -- the Tower API's part of the configuration (used by towerws.tower) ---------------
+
+ID_PLACEHOLDER = "{id}"
+DEFAULT_OBJECT_PATHS = (
+    "job_events:/api/v2/jobs/{id}/ ad_hoc_command_events:/api/v2/ad_hoc_commands/{id}/ "
+    "workflow_events:/api/v2/workflow_jobs/{id}/ project_update_events:/api/v2/project_updates/{id}/ "
+    "inventory_update_events:/api/v2/inventory_updates/{id}/ system_job_events:/api/v2/system_jobs/{id}/"
+)
+_KEY = re.compile(r"[A-Za-z0-9_]+\Z")
+
+
+def tower_url(text: str) -> str:
+    """``https://tower.example.com`` (optionally with a path prefix); no credentials in it."""
+    parts = urlsplit(text.strip())
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    if parts.username is not None or parts.query or parts.fragment:
+        raise ValueError("must not carry credentials, a query or a fragment")
+    return text.strip().rstrip("/")
+
+
+@dataclass(frozen=True)
+class ObjectPaths:
+    """Group KEY -> API path of the object its id names, e.g. ``job_events`` -> ``/api/v2/jobs/{id}/``."""
+
+    paths: Mapping[str, str]
+
+    @classmethod
+    def parse(cls, text: str) -> "ObjectPaths":
+        paths: dict[str, str] = {}
+        for entry in text.split():
+            key, sep, path = entry.partition(":")
+            if not sep or not _KEY.match(key) or not path.startswith("/"):
+                raise ValueError(f"entry {entry!r} must look like KEY:/api/path/{ID_PLACEHOLDER}/")
+            rest = path.replace(ID_PLACEHOLDER, "", 1)
+            if ID_PLACEHOLDER not in path or any(c in rest for c in "{}?#%"):
+                raise ValueError(f"entry {entry!r}: the path must contain {ID_PLACEHOLDER} once and no query")
+            if key in paths:
+                raise ValueError(f"key {key!r} is listed twice")
+            paths[key] = path
+        return cls(paths)
+
+    def __str__(self) -> str:
+        return " ".join(f"{k}:{v}" for k, v in self.paths.items())
+
+    def path(self, key: str, ident: str) -> str | None:
+        template = self.paths.get(key)
+        return None if template is None else template.replace(ID_PLACEHOLDER, ident)

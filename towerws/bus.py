@@ -1,55 +1,87 @@
-"""The node's message bus: what the rest of towerws asks of it, and the broker-less one.
+"""The node's message bus: the one seam where the websocket wing and the AMQP wing meet.
 
-Two implementations share :class:`NodeBus`:
+:class:`Bus` declares everything the rest of towerws asks of a bus; two
+implementations exist:
 
-* :class:`towerws.amqp.AMQPService` -- RabbitMQ: every node gets every message
-  published to the exchange; ``state`` is ``connecting`` or ``consuming``.
+* :class:`towerws.amqp.service.AMQPService` -- RabbitMQ: every node gets every
+  message published to the exchange; ``state`` is ``connecting`` or ``consuming``.
 * :class:`LocalBus` (``--amqp-url none``) -- one node, no broker: a publish goes
   straight to the hub, a subscription can receive at once; ``state`` is ``disabled``.
 
-The websocket side waits on ``when_bound``; the HTTP publish API and in-process
-Twisted code call ``publish``; readiness reports read ``state`` and ``ready``.
+The hub tells the bus when a group gets its first local subscriber or loses its
+last (the bus is the hub's :class:`~towerws.hub.GroupListener`); the websocket
+side waits on ``when_bound``; the HTTP publish API and in-process Twisted code
+call ``publish``; readiness reports and metrics read the rest.
+
+The publish contract is the same for every bus: the group and body are checked
+first (:func:`towerws.messages.check_message`; ``ValueError``/``TypeError``,
+nothing sent), then the message is sent and the Deferred fires once it is
+accepted -- with RabbitMQ, confirmed by the broker -- or fails with
+:class:`PublishError`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 
-from towerws.hub import Hub, check_json_body
-from towerws.routing import check_group
+from towerws.hub import Hub
+from towerws.messages import check_message
 
 
-class NodeBus(Protocol):
-    #: "disabled" (no broker), "connecting" or "consuming"
+class BrokerUnavailable(Exception):
+    """The broker could not confirm a binding in time; the subscription is kept."""
+
+
+class PublishError(Exception):
+    """The broker did not confirm a message: refused (nack), unreachable, or no answer in time."""
+
+
+class Bus(Protocol):
+    """What towerws asks of its message bus (see the module docstring)."""
+
+    #: "disabled" (no broker), "connecting", "consuming", "stopping" or "stopped"
     state: str
     #: True once subscriptions can receive and publishes can be confirmed
     ready: bool
+    #: messages taken from the bus (consumed from this node's queue)
+    consumed: int
+    #: messages dropped: a body that is not UTF-8 RFC 8259 JSON, or a dispatch that failed
+    dropped: int
+    #: groups this node's queue is bound to (0 without a broker)
+    bound_count: int
 
-    def when_bound(self, groups: list[str]) -> Deferred[None]:
-        """Fires once every group can receive (see :class:`towerws.websocket.Bus`)."""
+    # -- the hub's listener ------------------------------------------------------
+
+    def group_activated(self, group: str) -> None:
+        """``group`` got its first local subscriber: start receiving it."""
+
+    def group_deactivated(self, group: str) -> None:
+        """``group`` lost its last local subscriber: stop receiving it (perhaps after a grace period)."""
+
+    # -- the websocket side --------------------------------------------------------
+
+    def when_bound(self, groups: Iterable[str]) -> Deferred[None]:
+        """Fires once every group can receive; fails with :class:`BrokerUnavailable`."""
 
     def when_ready(self) -> Deferred[None]:
         """Fires once the bus is ready (at once if it is)."""
 
     def publish(self, group: str, body: bytes) -> Deferred[None]:
-        """Publish one UTF-8 JSON ``body`` to ``group``'s subscribers on every node of the bus.
+        """Publish one UTF-8 JSON ``body`` to ``group``'s subscribers on every node of the bus (see above)."""
 
-        Fires once the message is accepted (with RabbitMQ: confirmed by the broker);
-        fails with ValueError for an invalid group or body (nothing sent) and with
-        :class:`towerws.confirms.PublishError` when the broker is down or refuses.
-        """
+    # -- life cycle (twisted.application.service.IService) -----------------------------
 
+    running: int
 
-def check_message(group: str, body: bytes) -> None:
-    """Raise TypeError/ValueError unless ``body`` (UTF-8 JSON bytes) can be published to ``group``."""
-    check_group(group)
-    if not isinstance(body, bytes):
-        raise TypeError(f"body must be bytes, not {type(body).__name__}")
-    check_json_body(body)
+    def setServiceParent(self, parent: Any) -> Any: ...
+
+    def startService(self) -> None: ...
+
+    def stopService(self) -> Deferred[None] | None: ...
 
 
 class LocalBus(Service):
@@ -57,11 +89,18 @@ class LocalBus(Service):
 
     state = "disabled"
     ready = True
+    bound_count = 0
 
     def __init__(self, hub: Hub):
         self.hub = hub
         self.consumed = 0
         self.dropped = 0  # stays 0: invalid bodies are refused at publish time
+
+    def group_activated(self, group: str) -> None:
+        pass  # nothing to bind: every publish reaches the hub
+
+    def group_deactivated(self, group: str) -> None:
+        pass
 
     def when_bound(self, groups: Iterable[str]) -> Deferred[None]:
         return succeed(None)

@@ -20,12 +20,11 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-from towerws import tower
-from towerws import amqp_endpoint
-from towerws.auth import TokenFile
+from towerws.auth import DEFAULT_OBJECT_PATHS, ObjectPaths, TokenFile, tower_url
 from towerws.auth import allowed_origins as parse_origins
+from towerws.broker_urls import DEFAULT_AMQP_URL, AMQPAddress, amqp_address, amqp_url_or_none
+from towerws.messages import MAX_SHORTSTR_BYTES, check_name
 from towerws.subscribe import Allowlist
 
 ENV_PREFIX = "TOWERWS_"
@@ -83,58 +82,30 @@ def _one_of(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
-def _name(text: str) -> str:
-    if not text or len(text) > 200 or any(c.isspace() for c in text):
-        raise ValueError("must be a non-empty name without spaces")
-    return text
+def _exchange_name(text: str) -> str:
+    """An exchange name: an AMQP short string without whitespace."""
+    return check_name(text, "the exchange name")
 
 
-@dataclass(frozen=True)
-class AMQPAddress:
-    """A parsed ``amqp://`` / ``amqps://`` URL.  ``str()`` never shows the password."""
-
-    url: str = field(repr=False)  # keeps the password: never shown
-    tls: bool
-    host: str
-    port: int
-    username: str
-    password: str = field(repr=False)
-    vhost: str
-
-    def __str__(self) -> str:
-        scheme = "amqps" if self.tls else "amqp"
-        return f"{scheme}://{self.username}@{self.host}:{self.port}/{self.vhost}"
+#: the node's queue is QUEUE_PREFIX + node id: both together are one AMQP name
+QUEUE_PREFIX = "towerws."
 
 
-def amqp_address(text: str) -> AMQPAddress:
-    parts = urlsplit(text)
-    if parts.scheme not in ("amqp", "amqps"):
-        raise ValueError("must be an amqp:// or amqps:// URL")
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError("has an invalid port") from exc
-    if not parts.hostname:
-        raise ValueError("has no host")
-    tls = parts.scheme == "amqps"
-    # An empty path means the default vhost "/", as in other AMQP clients.
-    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-    return AMQPAddress(
-        url=text,
-        tls=tls,
-        host=parts.hostname,
-        port=port or (5671 if tls else 5672),
-        username=unquote(parts.username or "guest"),
-        password=unquote(parts.password or "guest"),
-        vhost=vhost,
-    )
+def _node_id(text: str) -> str:
+    return check_name(text, "the node id", MAX_SHORTSTR_BYTES - len(QUEUE_PREFIX))
 
 
-def amqp_url_or_none(text: str) -> AMQPAddress | None:
-    """``amqp_url``: a broker URL, or ``none`` for the single-node in-process bus."""
-    if text.strip().lower() == "none":
-        return None
-    return amqp_address(text)
+# PEM file options: cryptography is loaded only when one of them is used.
+def _pem_certificates(text: str) -> str:
+    from towerws import pem
+
+    return pem.check_ca_file(text)
+
+
+def _pem_key(text: str) -> str:
+    from towerws import pem
+
+    return pem.check_key_file(text)
 
 
 def _flag(text: str) -> bool:
@@ -201,12 +172,12 @@ DEFAULT_GROUPS = (
 class Settings:
     listen: str = option("tcp:8051", _strports, "where websocket clients connect (Twisted strports description)")
     amqp_url: AMQPAddress | None = option(
-        amqp_address("amqp://guest:guest@localhost:5672/%2F"),
+        amqp_address(DEFAULT_AMQP_URL),
         amqp_url_or_none,
         "RabbitMQ URL, amqp:// or amqps:// (vhost URL-encoded); none: single node, in-process bus, no RabbitMQ",
-        shown="amqp://guest:guest@localhost:5672/%2F",
+        shown=DEFAULT_AMQP_URL,
     )
-    exchange: str = option("towerws", _name, "exchange publishers send to (declared durable at start)")
+    exchange: str = option("towerws", _exchange_name, "exchange publishers send to (declared durable at start)")
     exchange_type: str = option(
         "direct", _one_of("direct", "topic"),
         "direct (routing key = group name, RabbitMQ's cheapest routing) or topic (lets other consumers bind patterns)",
@@ -214,7 +185,7 @@ class Settings:
     tokens_file: TokenFile | None = option(
         None, TokenFile.load, "JSON file of static development tokens: {\"token\": {\"id\": 7, ...}}"
     )
-    node_id: str = option(None, _name, "this node's id; its queue is towerws.<node-id>", shown="hostname-<random>")
+    node_id: str = option(None, _node_id, "this node's id; its queue is towerws.<node-id>", shown="hostname-<random>")
     groups: Allowlist = option(
         Allowlist.parse(DEFAULT_GROUPS),
         Allowlist.parse,
@@ -235,17 +206,17 @@ class Settings:
 
     # -- Tower API authentication and limits --
     tower_url: str | None = option(
-        None, tower.tower_url, "Tower/AWX base URL: authenticate and authorize every websocket with its API"
+        None, tower_url, "Tower/AWX base URL: authenticate and authorize every websocket with its API"
     )
     tower_timeout: float = option(5.0, _positive_float, "seconds one Tower API request may take (then: unavailable)")
     tower_ca_file: str | None = option(
-        None, tower.ca_file, "PEM file of CA certificates trusted for --tower-url (default: the system's)"
+        None, _pem_certificates, "PEM file of CA certificates trusted for --tower-url (default: the system's)"
     )
-    object_paths: tower.ObjectPaths = option(
-        tower.ObjectPaths.parse(tower.DEFAULT_OBJECT_PATHS),
-        tower.ObjectPaths.parse,
+    object_paths: ObjectPaths = option(
+        ObjectPaths.parse(DEFAULT_OBJECT_PATHS),
+        ObjectPaths.parse,
         "API path checked for each id-keyed group: KEY:/api/v2/.../{id}/ entries",
-        shown=tower.DEFAULT_OBJECT_PATHS,
+        shown=DEFAULT_OBJECT_PATHS,
     )
     auth_cache_ttl: float = option(30.0, _non_negative_float, "seconds a Tower API yes (a user, an allowed object) is reused")
     auth_negative_cache_ttl: float = option(5.0, _non_negative_float, "seconds a Tower API no (401, 403, 404) is reused")
@@ -262,12 +233,12 @@ class Settings:
 
     # -- broker: TLS and faults --
     amqp_ca_file: str | None = option(
-        None, amqp_endpoint.check_ca_file, "PEM CA certificate(s) trusted for amqps:// (default: the system's trust store)"
+        None, _pem_certificates, "PEM CA certificate(s) trusted for amqps:// (default: the system's trust store)"
     )
     amqp_cert_file: str | None = option(
-        None, amqp_endpoint.check_cert_file, "PEM client certificate for amqps:// (may hold its key too)"
+        None, _pem_certificates, "PEM client certificate for amqps:// (may hold its key too)"
     )
-    amqp_key_file: str | None = option(None, amqp_endpoint.check_key_file, "PEM private key of --amqp-cert-file (unencrypted)")
+    amqp_key_file: str | None = option(None, _pem_key, "PEM private key of --amqp-cert-file (unencrypted)")
 
     # -- operations: metrics, logs, shutdown --
     metrics_listen: str | None = option(
@@ -392,8 +363,10 @@ def _check_amqp_tls(s: Settings) -> None:
     if s.amqp_key_file is not None and s.amqp_cert_file is None:
         raise ConfigError("--amqp-key-file: given without --amqp-cert-file")
     if s.amqp_cert_file is not None:
+        from towerws import pem
+
         try:
-            amqp_endpoint.check_client_certificate(s.amqp_cert_file, s.amqp_key_file)
+            pem.check_client_certificate(s.amqp_cert_file, s.amqp_key_file)
         except ValueError as exc:
             option = "--amqp-key-file" if s.amqp_key_file else "--amqp-cert-file"
             raise ConfigError(f"{option}: {exc}") from None

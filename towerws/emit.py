@@ -43,26 +43,26 @@ import decimal
 import json
 import logging
 import os
+import ssl
 import sys
 import threading
 import uuid
 import weakref
 from typing import Any
-from urllib.parse import urlsplit
 
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from towerws.routing import MAX_GROUP_BYTES
-from towerws.routing import check_group as _check_group
+from towerws import messages
+from towerws.broker_urls import DEFAULT_AMQP_URL, AMQPAddress, amqp_address, redact_url
+from towerws.messages import check_group as _check_group
 
 __all__ = ["DEFAULT_AMQP_URL", "DEFAULT_EXCHANGE", "DEFAULT_TIMEOUT", "EmitError", "Emitter",
            "TowerJSONEncoder", "configure", "dumps", "emit_channel_notification", "main", "redact_url"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_EXCHANGE = "towerws"
 DEFAULT_TIMEOUT = 5.0
 
@@ -125,30 +125,24 @@ def dumps(payload: Any) -> bytes:
 # -- the emitter -----------------------------------------------------------------------------
 
 
-def redact_url(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable AMQP URL>"
-    host = parts.hostname or ""
-    netloc = f"[{host}]" if ":" in host else host
-    try:
-        port = parts.port
-    except ValueError:  # not a number: show it as typed, it is no secret
-        port = parts.netloc.rpartition(":")[2]
-    if port is not None:
-        netloc += f":{port}"
-    if parts.username:
-        netloc = f"{parts.username}@{netloc}"
-    return f"{parts.scheme}://{netloc}{parts.path}"
-
-
-def _url_password(url: str) -> str:
-    try:
-        return urlsplit(url).password or ""
-    except ValueError:
-        return ""
+def _connection_parameters(address: AMQPAddress, timeout: float) -> pika.ConnectionParameters:
+    """pika's parameters for ``address``: every wait bounded by ``timeout``, one attempt."""
+    tls = None
+    if address.tls:
+        tls = pika.SSLOptions(ssl.create_default_context(), server_hostname=address.host)
+    return pika.ConnectionParameters(
+        host=address.host,
+        port=address.port,
+        virtual_host=address.vhost,
+        credentials=pika.PlainCredentials(address.username, address.password),
+        ssl_options=tls,
+        # Every wait in connection setup is bounded, and a broker that blocks publishers
+        # (resource alarm) fails the publish instead of hanging the web request.
+        socket_timeout=timeout,
+        stack_timeout=timeout,
+        blocked_connection_timeout=timeout,
+        connection_attempts=1,
+    )
 
 
 # Errors meaning the connection is gone (reset, closed by the broker, heartbeat missed):
@@ -165,26 +159,19 @@ class Emitter:
 
     def __init__(self, amqp_url: str = DEFAULT_AMQP_URL, exchange: str = DEFAULT_EXCHANGE,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
-        if not exchange or len(exchange.encode("utf-8")) > MAX_GROUP_BYTES:
-            raise ValueError(f"invalid exchange name {exchange!r}")
+        try:
+            messages.check_name(exchange, "exchange name")
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid exchange name {exchange!r}: {exc}") from None
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0, not {timeout!r}")
         self.broker = redact_url(amqp_url)
         try:
-            self._params = pika.URLParameters(amqp_url)
-        except (ValueError, TypeError) as exc:
-            detail = str(exc)
-            password = _url_password(amqp_url)
-            if password:  # pika's message might quote the URL
-                detail = detail.replace(password, "***")
-            raise ValueError(f"invalid AMQP URL {self.broker}: {detail}") from exc
-        self._password = self._params.credentials.password if hasattr(self._params.credentials, "password") else ""
-        # Every wait in connection setup is bounded, and a broker that blocks publishers
-        # (resource alarm) fails the publish instead of hanging the web request.
-        self._params.socket_timeout = timeout
-        self._params.stack_timeout = timeout
-        self._params.blocked_connection_timeout = timeout
-        self._params.connection_attempts = 1
+            address = amqp_address(amqp_url)
+        except ValueError as exc:
+            raise ValueError(f"invalid AMQP URL {self.broker}: {exc}") from None
+        self._password = address.password
+        self._params = _connection_parameters(address, timeout)
         self.exchange = exchange
         self.timeout = timeout
         self._lock = threading.Lock()
@@ -205,10 +192,8 @@ class Emitter:
         self._publish(group, dumps(payload))
 
     def emit_raw(self, group: str, body: bytes) -> None:
-        """Publish ``body`` (already UTF-8 JSON; not checked) to ``group`` as is."""
-        _check_group(group)
-        if not isinstance(body, bytes):
-            raise TypeError(f"body must be bytes, not {type(body).__name__}")
+        """Publish ``body`` (UTF-8 RFC 8259 JSON, checked before any I/O) to ``group`` as is."""
+        messages.check_message(group, body)
         self._publish(group, body)
 
     def close(self) -> None:
@@ -402,10 +387,6 @@ class _InvalidJSON(Exception):
         super().__init__(f"invalid JSON on line {line}: {reason}")
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _validate(raw: bytes, line: int) -> None:
     """Raise _InvalidJSON unless ``raw`` is one UTF-8 JSON document (strict: no NaN/Infinity)."""
     try:
@@ -413,12 +394,14 @@ def _validate(raw: bytes, line: int) -> None:
     except UnicodeDecodeError as exc:
         raise _InvalidJSON(line, f"not UTF-8 (byte {exc.start + 1})") from exc
     try:
-        json.loads(text, parse_constant=_reject_constant)
+        messages.loads(text)
     except json.JSONDecodeError as exc:
         # For a multi-line PAYLOAD argument the decoder's own line number is the useful one.
         raise _InvalidJSON(line + exc.lineno - 1, f"{exc.msg} (column {exc.colno})") from exc
-    except ValueError as exc:
+    except ValueError as exc:  # NaN, Infinity
         raise _InvalidJSON(line, str(exc)) from exc
+    except RecursionError:
+        raise _InvalidJSON(line, "nested too deeply") from None
 
 
 def _read_stream(data: bytes) -> list[bytes]:

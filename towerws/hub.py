@@ -11,12 +11,13 @@ one write per subscriber, whatever the number of groups or connections.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 from twisted.logger import Logger
+
+from towerws.messages import check_body
 
 
 class Subscriber(Protocol):
@@ -28,20 +29,6 @@ class GroupListener(Protocol):
     def group_activated(self, group: str) -> None: ...
 
     def group_deactivated(self, group: str) -> None: ...
-
-
-class InvalidBody(ValueError):
-    """A message body that is not UTF-8 JSON; it is never delivered."""
-
-
-def check_json_body(body: bytes) -> None:
-    """Raise :class:`InvalidBody` unless ``body`` is one UTF-8 JSON document."""
-    try:
-        json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise InvalidBody("body is not valid UTF-8") from None
-    except (ValueError, RecursionError):
-        raise InvalidBody("body is not valid JSON") from None
 
 
 @dataclass(frozen=True)
@@ -118,13 +105,13 @@ class Hub:
     def publish(self, group: str, body: bytes) -> int:
         """Deliver ``body`` to every subscriber of ``group``; returns how many.
 
-        Raises :class:`InvalidBody` (and delivers nothing) for a body that is not
-        UTF-8 JSON.  A body for a group without subscribers is not even parsed.
+        Raises :class:`towerws.messages.InvalidBody` (and delivers nothing) for a
+        body that is not UTF-8 RFC 8259 JSON.  A body for a group without subscribers is not even parsed.
         """
         members = self._members.get(group)
         if not members:
             return 0
-        check_json_body(body)
+        check_body(body)
         frame = self._frame(body)
         # A copy: a delivery may end in a disconnect that edits the set.
         targets = tuple(members)

@@ -1,4 +1,10 @@
-"""Log output for ``--log-format json``: one JSON object per line, for log shippers.
+"""Log output: ``--log-format json`` lines, and warnings that cannot flood the log.
+
+:class:`RateLimitedLog` logs a warning at most once per interval, counting the
+ones it held back: for events an outsider can repeat at will (garbage AMQP
+bodies, a publisher retrying with a wrong secret).
+
+``--log-format json``: one JSON object per line, for log shippers.
 
 twistd owns log output.  In text mode towerws leaves it alone.  In json mode
 the plugin builds a :func:`json_observer` writing where twistd would have
@@ -18,10 +24,29 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import IO, Any
 
-from twisted.logger import FileLogObserver, LogEvent, formatEvent
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import FileLogObserver, LogEvent, Logger, formatEvent
 from twisted.python.logfile import LogFile
 
 _PLAIN = (str, int, float, bool, type(None))
+
+
+class RateLimitedLog:
+    """Logs a warning at most once per ``interval`` seconds, counting the ones it held back."""
+
+    def __init__(self, log: Logger, clock: IReactorTime, interval: float = 10.0):
+        self._log, self._clock, self._interval = log, clock, interval
+        self._next = 0.0
+        self._held = 0
+
+    def warn(self, fmt: str, **kw: Any) -> None:
+        now = self._clock.seconds()
+        if now < self._next:
+            self._held += 1
+            return
+        self._log.warn(fmt + " ({suppressed} similar suppressed)", suppressed=self._held, **kw)
+        self._held = 0
+        self._next = now + self._interval
 
 
 def event_as_json(event: LogEvent, node_id: str) -> str:

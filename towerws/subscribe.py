@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from towerws.messages import group_name, split_group
+
 ID = "<id>"
 USER = "<user>"
 MAX_ID_DIGITS = 18
@@ -73,10 +75,25 @@ class Allowlist:
             if pattern == ID:
                 ident = _object_id(item)
                 if ident is not None:
-                    return f"{key}-{ident}"
+                    return group_name(key, ident)
             elif isinstance(item, str) and item == pattern.replace(USER, str(user_id)):
-                return f"{key}-{item}"
+                return group_name(key, item)
         return None
+
+    def publishable(self, group: str) -> bool:
+        """True if ``group`` is exactly a group name clients can join (canonical: ``job_events-42``).
+
+        Per-user items (``control-limit_reached_<user>``) are allowed for any positive
+        user id: a publisher speaks to every user.
+        """
+        parts = split_group(group)
+        if parts is None:
+            return False
+        key, item = parts
+        # Candidate user ids are the digit runs of the item; the allowlist decides, and
+        # comparing with its canonical name refuses "007", "+7" and ids out of range.
+        user_ids = [int(run) for run in re.findall(r"[0-9]+", item) if len(run) <= MAX_ID_DIGITS and int(run) > 0]
+        return any(self.group(key, item, uid) == group for uid in user_ids or [1])
 
 
 def _object_id(item: Any) -> int | None:

@@ -23,19 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from http.cookiejar import Cookie, CookieJar
 from typing import Any, Generic, TypeVar
-from urllib.parse import urlsplit
+
 
 import treq
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from treq.client import HTTPClient
 from twisted.application.service import Service
-from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, maybeDeferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime
@@ -43,11 +39,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
-from towerws.auth import AuthUnavailable, Credentials, Decision, User
+from towerws import pem
+from towerws.auth import AuthUnavailable, Credentials, Decision, ObjectPaths, User
+from towerws.messages import split_group
 from towerws.metrics import Metrics
 
 ME_PATH = "/api/v2/me/"
-ID_PLACEHOLDER = "{id}"
 #: statuses that answer the question; any other is "unavailable"
 ME_ANSWERS = frozenset({200, 401, 403})
 OBJECT_ANSWERS = frozenset({200, 401, 403, 404})
@@ -57,81 +54,7 @@ MAX_CONCURRENT_REQUESTS = 32
 MAX_CACHE_ENTRIES = 100_000
 MAX_TOKEN_LENGTH = 4096
 
-DEFAULT_OBJECT_PATHS = (
-    "job_events:/api/v2/jobs/{id}/ ad_hoc_command_events:/api/v2/ad_hoc_commands/{id}/ "
-    "workflow_events:/api/v2/workflow_jobs/{id}/ project_update_events:/api/v2/project_updates/{id}/ "
-    "inventory_update_events:/api/v2/inventory_updates/{id}/ system_job_events:/api/v2/system_jobs/{id}/"
-)
-
 log = Logger(namespace="towerws.tower")
-
-# -- option parsers ---------------------------------------------------------------
-
-
-def tower_url(text: str) -> str:
-    """``https://tower.example.com`` (optionally with a path prefix); no credentials in it."""
-    parts = urlsplit(text.strip())
-    try:
-        parts.port
-    except ValueError:
-        raise ValueError("has an invalid port") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL")
-    if parts.username is not None or parts.query or parts.fragment:
-        raise ValueError("must not carry credentials, a query or a fragment")
-    return text.strip().rstrip("/")
-
-
-def load_trust_root(path: str) -> Any:
-    """A Twisted trust root made of every certificate in the PEM file ``path``."""
-    try:
-        with open(path, "rb") as fp:
-            pem = fp.read()
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        certs = x509.load_pem_x509_certificates(pem)
-    except ValueError:
-        raise ValueError(f"{path} holds no PEM certificate") from None
-    return ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certs])
-
-
-def ca_file(text: str) -> str:
-    load_trust_root(text)  # fail at start-up, naming the file, not at the first handshake
-    return text
-
-
-_KEY = re.compile(r"[A-Za-z0-9_]+\Z")
-
-
-@dataclass(frozen=True)
-class ObjectPaths:
-    """Group KEY -> API path of the object its id names, e.g. ``job_events`` -> ``/api/v2/jobs/{id}/``."""
-
-    paths: Mapping[str, str]
-
-    @classmethod
-    def parse(cls, text: str) -> "ObjectPaths":
-        paths: dict[str, str] = {}
-        for entry in text.split():
-            key, sep, path = entry.partition(":")
-            if not sep or not _KEY.match(key) or not path.startswith("/"):
-                raise ValueError(f"entry {entry!r} must look like KEY:/api/path/{ID_PLACEHOLDER}/")
-            rest = path.replace(ID_PLACEHOLDER, "", 1)
-            if ID_PLACEHOLDER not in path or any(c in rest for c in "{}?#%"):
-                raise ValueError(f"entry {entry!r}: the path must contain {ID_PLACEHOLDER} once and no query")
-            if key in paths:
-                raise ValueError(f"key {key!r} is listed twice")
-            paths[key] = path
-        return cls(paths)
-
-    def __str__(self) -> str:
-        return " ".join(f"{k}:{v}" for k, v in self.paths.items())
-
-    def path(self, key: str, ident: str) -> str | None:
-        template = self.paths.get(key)
-        return None if template is None else template.replace(ID_PLACEHOLDER, ident)
-
 
 # -- credentials --------------------------------------------------------------------
 
@@ -283,7 +206,7 @@ class TowerAPI(Service):
         self.metrics = metrics
         self.timeout = timeout
         self._clock: IReactorTime = reactor
-        trust_root = load_trust_root(ca_file) if ca_file else None
+        trust_root = pem.trust_root(ca_file)
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = MAX_CONCURRENT_REQUESTS
         agent = Agent(reactor, BrowserLikePolicyForHTTPS(trust_root), connectTimeout=timeout, pool=self._pool)
@@ -400,7 +323,7 @@ class TowerAuthorizer:
         checked: list[tuple[str, str, str]] = []
         checks: list[Deferred[bool]] = []
         for group in sorted(groups):
-            key, _, ident = group.partition("-")
+            key, ident = split_group(group) or (group, "")
             path = self.paths.path(key, ident)
             if path is None:
                 allowed.add(group)  # not an object group: the allowlist decided

@@ -23,18 +23,18 @@ import json
 import socket
 import struct
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from towerws.auth import AllowAll, Authenticator, Authorizer, AuthUnavailable, Credentials, User, origin_allowed
+from towerws.bus import BrokerUnavailable, Bus
 from towerws.config import Settings
 from towerws.hub import Hub
 from towerws.limits import TOO_MANY_CONNECTIONS, TOO_MANY_USER_CONNECTIONS, ConnectionLimits, TokenBucket
@@ -46,6 +46,8 @@ from towerws.subscribe import (
     parse_groups_message,
     unavailable_errors,
 )
+from towerws.twisted_internals import hold_writes, socket_of
+from towerws.websocket.autobahn_internals import RawSend, send_close, with_class_options
 
 PATHS = ("/websocket", "/websocket/")
 
@@ -69,17 +71,6 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
-class BrokerUnavailable(Exception):
-    """The broker could not confirm a binding in time; the subscription is kept."""
-
-
-class Bus(Protocol):
-    """What the websocket side needs from the message bus (AMQP or in-process)."""
-
-    def when_bound(self, groups: list[str]) -> Deferred[None]:
-        """Fires once every group can receive; fails with :class:`BrokerUnavailable`."""
-
-
 def _json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(", ", ": ")).encode("utf-8")
 
@@ -89,7 +80,7 @@ def _json(obj: Any) -> bytes:
 log = Logger(namespace="towerws.websocket")
 
 
-class TowerProtocol(WebSocketServerProtocol):
+class TowerProtocol(RawSend, WebSocketServerProtocol):
     factory: "TowerFactory"
 
     user: User | None = None
@@ -142,7 +133,7 @@ class TowerProtocol(WebSocketServerProtocol):
         handshakes = self.factory.metrics.handshakes
         if self.factory.draining:
             handshakes.labels("shutting_down").inc()
-            self.sendCloseFrame(code=CLOSE_GOING_AWAY, reasonUtf8=b"server shutting down")
+            send_close(self, CLOSE_GOING_AWAY, "server shutting down")
             return
         if self._refusal is None and self.user is not None:
             over = self.factory.limits.admit(self.user.id)
@@ -158,8 +149,7 @@ class TowerProtocol(WebSocketServerProtocol):
             handshakes.labels("auth_unavailable" if code == CLOSE_TRY_AGAIN_LATER else "unauthenticated").inc()
         log.info("refused websocket {conn} from {peer}: {reason}", conn=self.conn_id, peer=self.peer, reason=reason)
         self.send_json({"accept": False, "user": None, "close": True, "error": reason})
-        # sendClose() refuses 1013 (only 1000 and 3000-4999): the close-frame call takes any code.
-        self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"))
+        send_close(self, code, reason)
 
     def _admit(self) -> None:
         assert self.user is not None
@@ -176,7 +166,7 @@ class TowerProtocol(WebSocketServerProtocol):
         # Not Autobahn's close-handshake timer (1 s): the factory's drain timer
         # drops whoever has not answered within the drain timeout.
         self.closeHandshakeTimeout = 0
-        self.sendCloseFrame(code=CLOSE_GOING_AWAY, reasonUtf8=b"server shutting down")
+        send_close(self, CLOSE_GOING_AWAY, "server shutting down")
 
     # -- fan-out and flow control ----------------------------------------------
     #
@@ -204,10 +194,8 @@ class TowerProtocol(WebSocketServerProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        transport = self.transport
-        if isinstance(transport, tcp.Connection):
-            self._socket = transport.getHandle()
-        transport.registerProducer(self, True)
+        self._socket = socket_of(self.transport)
+        self.transport.registerProducer(self, True)
 
     def pauseProducing(self) -> None:
         # Called on every write while the buffer is over the threshold, not just the first.
@@ -261,14 +249,12 @@ class TowerProtocol(WebSocketServerProtocol):
             self.transport.write(data[sent:])
             # Twisted holds bytes now: nothing goes to the socket directly until
             # it has sent them all and says so (resumeProducing).
-            self.transport.producerPaused = True
+            hold_writes(self.transport)
             self._paused = True
 
-    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+    def send_raw(self, data: bytes) -> None:
         # Everything Autobahn sends (the handshake response, replies, pings, the
         # close frame) takes the same way, after the deliveries queued before it.
-        # (Autobahn's own sendData would add a debug-log call per send, and its
-        # sync/chopsize options are not used here.)
         if self._outbox is not None:
             self.flush()
         self._write(data)
@@ -290,14 +276,13 @@ class TowerProtocol(WebSocketServerProtocol):
         # The close frame queues behind what the client has not read; a client
         # that reads nothing never sees it, and Autobahn's close-handshake timeout
         # (closeHandshakeTimeout, 1 s) then aborts the TCP connection.
-        self.sendCloseFrame(code=CLOSE_TRY_AGAIN_LATER, reasonUtf8=b"too slow: messages are queuing up")
+        send_close(self, CLOSE_TRY_AGAIN_LATER, "too slow: messages are queuing up")
 
     # -- client messages -------------------------------------------------------
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
-            # sendClose() only takes 1000/3000-4999; 1003 needs the close-frame call.
-            self.sendCloseFrame(code=CLOSE_UNSUPPORTED_DATA, reasonUtf8=b"binary messages are not supported")
+            send_close(self, CLOSE_UNSUPPORTED_DATA, "binary messages are not supported")
             return
         if not self._admitted:
             return  # a refused connection is closing; nothing it says counts
@@ -425,7 +410,7 @@ class TowerFactory(WebSocketServerFactory):
             # Origins are checked in onConnect (403); let "null" reach that check too.
             allowNullOrigin=True,
         )
-        self.protocol = _with_options(self.protocol, self)
+        self.protocol = with_class_options(self.protocol, self)
 
     def flush_later(self, protocol: TowerProtocol) -> None:
         """Flush ``protocol``'s outbox at the end of this reactor turn."""
@@ -479,22 +464,3 @@ class TowerFactory(WebSocketServerFactory):
                 call.cancel()
 
         return d.addCallback(done)
-
-
-def _with_options(protocol: type[TowerProtocol], factory: WebSocketServerFactory) -> type[TowerProtocol]:
-    """A subclass of ``protocol`` carrying the factory's protocol options as class attributes.
-
-    Autobahn copies its ~40 options from the factory onto every new connection
-    (``setattr`` into each instance's dict) and pretty-prints them for a debug log
-    line that is formatted even when debug logging is off: measured, about a fifth
-    of the CPU time of a handshake, and memory in every idle connection.  With the
-    options on the class and an empty ``CONFIG_ATTRS`` that copy does nothing.
-    """
-    options = {
-        # staticmethod: a callable option (e.g. perMessageCompressionAccept) must
-        # not turn into a bound method when read through the instance.
-        name: staticmethod(value) if callable(value) else value
-        for name in protocol.CONFIG_ATTRS
-        for value in (getattr(factory, name),)
-    }
-    return type(protocol.__name__, (protocol,), {**options, "CONFIG_ATTRS": (), "__module__": protocol.__module__})

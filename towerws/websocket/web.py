@@ -24,20 +24,32 @@ from typing import Any
 
 from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
-from towerws.console import add_console
 from towerws.metrics import Metrics, MetricsResource
-from towerws.publish_api import add_publish_api
-from towerws.websocket import TowerFactory
+from towerws.twisted_internals import hand_over
+from towerws.websocket.console import add_console
+from towerws.websocket.protocol import TowerFactory
+from towerws.websocket.publish_api import add_publish_api
 
 #: the most of a first request's head the Listener reads before leaving it to Twisted Web
 MAX_HEAD = 16384
+
+
+class Deadline:
+    """Aborts ``transport`` unless :meth:`met` is called within ``seconds``."""
+
+    def __init__(self, call_later: Callable[..., IDelayedCall], seconds: float, transport: Any):
+        self._call: IDelayedCall | None = call_later(seconds, transport.abortConnection)
+
+    def met(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
 
 
 class Root(Resource):
@@ -54,28 +66,21 @@ class HandshakeChannel(HTTPChannel):
     """
 
     site: "TowerSite"
-    _deadline: IDelayedCall | None = None
+    _deadline: Deadline | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self._deadline = self.callLater(self.site.handshake_timeout, self._too_slow)
+        self._deadline = Deadline(self.callLater, self.site.handshake_timeout, self.transport)
 
     def allContentReceived(self) -> None:
-        self._stop_deadline()
+        if self._deadline is not None:
+            self._deadline.met()
         super().allContentReceived()
 
     def connectionLost(self, reason: Failure) -> None:
-        self._stop_deadline()
+        if self._deadline is not None:
+            self._deadline.met()
         super().connectionLost(reason)
-
-    def _stop_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-
-    def _too_slow(self) -> None:
-        self._deadline = None
-        self.transport.abortConnection()
 
 
 class TowerSite(Site):
@@ -180,12 +185,11 @@ class FirstRequest(Protocol):
         self.listener = listener
         self.addr = addr
         self.buffer = b""
-        self._deadline: IDelayedCall | None = None
+        self._deadline: Deadline | None = None
 
     def connectionMade(self) -> None:
         # The same bound as HandshakeChannel's: a head trickled in forever is dropped.
-        self._deadline = self.listener.clock.callLater(self.listener.site.handshake_timeout,
-                                                       self.transport.abortConnection)
+        self._deadline = Deadline(self.listener.clock.callLater, self.listener.site.handshake_timeout, self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
@@ -201,10 +205,7 @@ class FirstRequest(Protocol):
         protocol = factory.buildProtocol(self.addr)
         transport = self.transport
         # The same hand-over as Autobahn's WebSocketResource, without the HTTP round trip.
-        if isinstance(transport, ProtocolWrapper):  # TLS: the TLS layer is our transport
-            transport.wrappedProtocol = protocol
-        else:
-            transport.protocol = protocol
+        hand_over(transport, protocol)
         protocol.makeConnection(transport)
         protocol.dataReceived(self.buffer)
 
@@ -212,9 +213,8 @@ class FirstRequest(Protocol):
         self._stop_deadline()
 
     def _stop_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+        if self._deadline is not None:
+            self._deadline.met()
 
 
 class Listener(Factory):

@@ -1,4 +1,4 @@
-"""towerws.amqpspec: the AMQP 0-9-1 spec file, the field-table codec, the warning filter.
+"""towerws.amqp.spec (and its installation into txAMQP): the AMQP 0-9-1 spec file, the field-table codec, the warning filter.
 
 The spec is cross-checked against pika's independently generated one (ids,
 synchronous flags and the exact bytes of every method and of the basic
@@ -37,7 +37,8 @@ from txamqp.connection import Method as MethodFrame
 from txamqp.content import Content
 from txamqp.protocol import AMQClient
 
-from towerws import amqpspec
+from towerws.amqp import spec as amqpspec
+from towerws.amqp import txamqp_internals
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEADLINE = 10.0
@@ -45,7 +46,7 @@ DEADLINE = 10.0
 
 @pytest.fixture(autouse=True)
 def _codec() -> None:
-    amqpspec.install_codec()
+    txamqp_internals.install()
 
 
 # -- the spec ------------------------------------------------------------------------
@@ -431,9 +432,9 @@ def test_nesting_limit() -> None:
 
 
 def test_install_is_idempotent() -> None:
-    amqpspec.install_codec()
-    amqpspec.install_codec()
-    assert Codec.decode_table is not amqpspec.ORIGINAL_DECODE_TABLE
+    txamqp_internals.install()
+    txamqp_internals.install()
+    assert Codec.decode_table is not txamqp_internals.ORIGINAL_DECODE_TABLE
     assert Codec(BytesIO(amqpspec.encode_field_table(PIKA_HEADERS))).decode_table() == PIKA_HEADERS
 
 
@@ -444,17 +445,17 @@ def test_txamqp_own_codec_cannot_read_pika_headers() -> None:
     data = b"".join(pieces)
     assert Codec(BytesIO(data)).decode_table() == PIKA_HEADERS
     with pytest.raises(ValueError):
-        amqpspec.ORIGINAL_DECODE_TABLE(Codec(BytesIO(data)))
+        txamqp_internals.ORIGINAL_DECODE_TABLE(Codec(BytesIO(data)))
     # it knows only S, I, F and t: every other type pika sends stops it
     for key in ("long-long", "timestamp", "array", "price", "raw", "void"):
         single: list[bytes] = []
         pika.data.encode_table(single, {key: PIKA_HEADERS[key]})
         with pytest.raises(ValueError):
-            amqpspec.ORIGINAL_DECODE_TABLE(Codec(BytesIO(b"".join(single))))
+            txamqp_internals.ORIGINAL_DECODE_TABLE(Codec(BytesIO(b"".join(single))))
     # and the one int type it knows, it reads as unsigned
     pieces = []
     pika.data.encode_table(pieces, {"n": -1})
-    assert amqpspec.ORIGINAL_DECODE_TABLE(Codec(BytesIO(b"".join(pieces)))) == {"n": 2**32 - 1}
+    assert txamqp_internals.ORIGINAL_DECODE_TABLE(Codec(BytesIO(b"".join(pieces)))) == {"n": 2**32 - 1}
     assert Codec(BytesIO(b"".join(pieces))).decode_table() == {"n": -1}
 
 
@@ -529,7 +530,7 @@ def txamqp_close(client: Any, channel: Any) -> Any:
 
 @pytest_twisted.inlineCallbacks
 def test_txamqp_consumes_pika_headers(route: Route) -> Any:
-    amqpspec.silence_txamqp_returnvalue_warning()
+    txamqp_internals.install()
     pika_publish(route, PIKA_HEADERS)
     client, channel = yield txamqp_connect()
     try:
@@ -566,7 +567,7 @@ class ConfirmDelegate(TwistedDelegate):
 @pytest_twisted.inlineCallbacks
 def test_txamqp_round_trip_through_broker(route: Route) -> Any:
     """What txAMQP writes (floats included, which pika cannot) RabbitMQ takes and gives back."""
-    amqpspec.silence_txamqp_returnvalue_warning()
+    txamqp_internals.install()
     headers = {**PIKA_HEADERS, "float": 0.25, "floats": [1e300, -0.5], "tuple": (1, "x")}
     delegate = ConfirmDelegate()
     client, channel = yield txamqp_connect(delegate)
@@ -620,8 +621,8 @@ def test_returnvalue_filter_is_narrow() -> None:
         assert any("txamqp" in w.filename for w in caught)
         caught.clear()
 
-        amqpspec.silence_txamqp_returnvalue_warning()
-        amqpspec.silence_txamqp_returnvalue_warning()
+        txamqp_internals.install()
+        txamqp_internals.install()
         _trigger_in_txamqp()
         assert caught == []
 
@@ -641,15 +642,15 @@ def test_returnvalue_filter_under_w_error() -> None:
     """With DeprecationWarning as an error, txAMQP works only once the filter is in place."""
     code = (
         "import sys; sys.path.insert(0, {root!r})\n"
-        "from towerws import amqpspec\n"
+        "from towerws.amqp import spec as amqpspec, txamqp_internals\n"
         "from twisted.internet.task import Clock\n"
         "from txamqp.client import TwistedDelegate\n"
         "from txamqp.protocol import AMQClient\n"
-        "if sys.argv[1] == 'silence': amqpspec.silence_txamqp_returnvalue_warning()\n"
+        "if sys.argv[1] == 'silence': txamqp_internals.install()\n"
         "d = AMQClient(TwistedDelegate(), '/', amqpspec.load_spec(), clock=Clock()).channel(1)\n"
         "d.addCallbacks(lambda ch: print('ok'), lambda f: print('failed', f.getErrorMessage()))\n"
     )
-    root = str(Path(amqpspec.__file__).resolve().parent.parent)
+    root = str(Path(amqpspec.__file__).resolve().parents[2])
     for mode, expected in (("silence", "ok"), ("plain", "failed " + RETURNVALUE_WARNING)):
         out = subprocess.run(
             [sys.executable, "-W", "error::DeprecationWarning", "-c", code.format(root=root), mode],

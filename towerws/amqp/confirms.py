@@ -9,8 +9,8 @@ each one's Deferred when its tag is acknowledged, one by one or ``multiple``
 up to a tag.  A nack, a channel closed by the broker, a lost connection or no
 answer within the timeout fail the pending Deferreds with :class:`PublishError`.
 
-Used by the node's own connection (:class:`towerws.amqp.AMQPService`, for the
-HTTP publish API) and by :class:`towerws.publish.Publisher`.
+Used by the node's own connection (:class:`towerws.amqp.service.AMQPService`,
+for the HTTP publish API) and by :class:`towerws.amqp.publisher.Publisher`.
 """
 
 from __future__ import annotations
@@ -25,11 +25,9 @@ from twisted.python.failure import Failure
 from txamqp.client import TwistedDelegate
 from txamqp.content import Content
 
+from towerws.bus import PublishError
+
 PROPERTIES = {"content-type": "application/json", "delivery-mode": 1}
-
-
-class PublishError(Exception):
-    """The broker did not confirm a message: refused (nack), unreachable, or no answer in time."""
 
 
 class Confirms:

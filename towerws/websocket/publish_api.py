@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import re
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import DeferredList
@@ -30,11 +29,12 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from towerws.amqp import RateLimitedLog
-from towerws.subscribe import MAX_ID_DIGITS, Allowlist
+from towerws.messages import dumps, loads
+from towerws.logs import RateLimitedLog
+from towerws.subscribe import Allowlist
 
 if TYPE_CHECKING:
-    from towerws.bus import NodeBus
+    from towerws.bus import Bus
     from towerws.config import SecretFile, Settings
 
 PATH = b"publish"
@@ -44,29 +44,10 @@ ITEM_FIELDS = frozenset({"group", "payload"})
 log = Logger(namespace="towerws.publish_api")
 
 
-def publishable(allowlist: Allowlist, group: str) -> bool:
-    """True if ``group`` is exactly a group name clients can join under ``allowlist``.
-
-    Per-user items (``control-limit_reached_<user>``) are allowed for any positive
-    user id: a publisher speaks to every user.
-    """
-    key, sep, item = group.partition("-")
-    if not sep:
-        return False
-    # Candidate user ids are the digit runs of the item; the allowlist decides, and
-    # comparing with its canonical name refuses "007", "+7" and ids out of range.
-    user_ids = [int(run) for run in re.findall(r"[0-9]+", item) if len(run) <= MAX_ID_DIGITS and int(run) > 0]
-    return any(allowlist.group(key, item, uid) == group for uid in user_ids or [1])
-
-
 class BadRequest(ValueError):
     def __init__(self, message: str, item: int | None = None):
         super().__init__(message if item is None else f"item {item}: {message}")
         self.item = item
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _show(text: str, limit: int = 64) -> str:
@@ -76,7 +57,7 @@ def _show(text: str, limit: int = 64) -> str:
 def parse_publish_request(data: bytes, allowlist: Allowlist, max_payload: int) -> list[tuple[str, bytes]]:
     """The (group, body) pairs of a request body; raises :class:`BadRequest` for the first problem."""
     try:
-        doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        doc = loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise BadRequest("request body is not UTF-8") from None
     except RecursionError:
@@ -100,10 +81,10 @@ def parse_publish_request(data: bytes, allowlist: Allowlist, max_payload: int) -
             raise BadRequest('"group" must be a string', index)
         if "payload" not in item:
             raise BadRequest('missing "payload"', index)
-        if not publishable(allowlist, group):
+        if not allowlist.publishable(group):
             raise BadRequest(f"group {_show(group)} is not allowed", index)
         try:
-            body = json.dumps(item["payload"], ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            body = dumps(item["payload"])
         except UnicodeEncodeError:
             raise BadRequest("payload contains an unpaired UTF-16 surrogate", index) from None
         except RecursionError:
@@ -126,7 +107,7 @@ class PublishResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, bus: "NodeBus", secret: "SecretFile", allowlist: Allowlist, max_payload: int,
+    def __init__(self, bus: "Bus", secret: "SecretFile", allowlist: Allowlist, max_payload: int,
                  clock: IReactorTime | None = None):
         super().__init__()
         if clock is None:
@@ -196,7 +177,7 @@ class _Folder(Resource):
         return notFound().render(request)
 
 
-def add_publish_api(root: Resource, settings: "Settings", bus: "NodeBus") -> None:
+def add_publish_api(root: Resource, settings: "Settings", bus: "Bus") -> None:
     """Mount ``/api/publish`` on ``root`` if ``--publish-secret-file`` is set (else it stays 404)."""
     if settings.publish_secret_file is None:
         return

@@ -1,4 +1,4 @@
-"""What txAMQP 0.8.2 needs from us before it can talk AMQP 0-9-1 to RabbitMQ.
+"""The AMQP 0-9-1 definitions txAMQP 0.8.2 lacks: the protocol spec and a complete field-table codec.
 
 txAMQP's PyPI release ships no protocol definition (its ``DEFAULT_SPEC`` path
 points at a ``specs/`` folder that only exists in its source repository), so
@@ -9,8 +9,8 @@ Its field-table codec (``txamqp.codec.Codec.decode_table`` / ``encode_table``)
 knows only ``S``, ``I`` (read as *unsigned*), ``F`` and ``t``; a message whose
 ``headers`` carry a long-long, a timestamp, an array, a decimal, a float, a
 byte array or a void raises inside the protocol's ``dataReceived``, and it can
-only *write* strings and int32s.  :func:`install_codec` replaces both methods
-with a complete AMQP 0-9-1 field-table codec using RabbitMQ's type letters
+only *write* strings and int32s.  :func:`decode_field_table` and
+:func:`encode_field_table` are a complete AMQP 0-9-1 field-table codec using RabbitMQ's type letters
 (the ones pika and the RabbitMQ Java client use, see the RabbitMQ "AMQP 0-9-1
 errata", section 3):
 
@@ -47,10 +47,9 @@ failing.  Encoding: ``str`` -> S, ``bytes``/``bytearray``/``memoryview`` -> x,
 value out of its type's range, raises ``ValueError``; so does an unknown type
 letter or a truncated table on decode (the caller decides what to do), and
 tables/arrays nested more than :data:`MAX_DEPTH` levels deep, either way.
+:func:`towerws.amqp.txamqp_internals.install` puts them in txAMQP's place.
 
-Finally :func:`silence_txamqp_returnvalue_warning` hides the one
-DeprecationWarning that txAMQP's use of ``defer.returnValue`` raises on every
-call under Twisted >= 24.7.
+Pure functions and data: nothing here changes txAMQP.
 """
 
 from __future__ import annotations
@@ -58,26 +57,21 @@ from __future__ import annotations
 import calendar
 import functools
 import importlib.resources
-import re
 import struct
-import warnings
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
-import txamqp.codec
-import txamqp.connection
 import txamqp.spec
 
 __all__ = [
     "MAX_DEPTH",
     "METHODS_USED",
     "decode_field_table",
+    "decode_fields",
     "encode_field_table",
-    "install_codec",
     "load_spec",
-    "silence_txamqp_returnvalue_warning",
 ]
 
 SPEC_RESOURCE = "amqp0-9-1.xml"
@@ -257,8 +251,8 @@ def _table(buf: memoryview, pos: int, depth: int) -> tuple[dict[Any, Any], int]:
     return _fields(buf, pos + 4, end, depth), end
 
 
-def _decode_fields(body: bytes | bytearray | memoryview) -> dict[Any, Any]:
-    """The fields of a table whose size prefix has already been read."""
+def decode_fields(body: bytes | bytearray | memoryview) -> dict[Any, Any]:
+    """The fields of a table whose size prefix has already been read; ``ValueError`` if truncated."""
     buf = memoryview(body)
     try:
         return _fields(buf, 0, len(buf), 0)
@@ -278,7 +272,7 @@ def decode_field_table(data: bytes | bytearray | memoryview) -> dict[Any, Any]:
     (size,) = _U32.unpack_from(buf, 0)
     if size != len(buf) - 4:
         raise ValueError(f"AMQP field table says {size} bytes, has {len(buf) - 4}")
-    return _decode_fields(buf[4:])
+    return decode_fields(buf[4:])
 
 
 # -- field tables: encoding ------------------------------------------------------------
@@ -385,68 +379,3 @@ def encode_field_table(table: Mapping[Any, Any]) -> bytes:
     out = bytearray()
     _encode_table(out, table, 0)
     return bytes(out)
-
-
-# -- hooking into txAMQP ----------------------------------------------------------------
-
-
-def _codec_decode_table(self: txamqp.codec.Codec) -> dict[Any, Any]:
-    size = self.decode_long()
-    body = self.read(size)
-    if len(body) != size:
-        raise ValueError(f"truncated AMQP field table: {len(body)} of {size} bytes")
-    return _decode_fields(body)
-
-
-def _codec_encode_table(self: txamqp.codec.Codec, tbl: Mapping[Any, Any]) -> None:
-    self.write(encode_field_table(tbl))
-
-
-#: txAMQP's own methods, as they were before :func:`install_codec`
-ORIGINAL_DECODE_TABLE = txamqp.codec.Codec.decode_table
-ORIGINAL_ENCODE_TABLE = txamqp.codec.Codec.encode_table
-
-
-def install_codec() -> None:
-    """Make ``txamqp.codec.Codec`` read and write every AMQP 0-9-1 field type.
-
-    Idempotent.  ``Header.decode`` (message properties, e.g. ``headers``) and
-    ``Method.decode`` (e.g. ``connection.start``'s server properties) reach
-    the table codec through ``Codec.decode(field_type)`` -> ``decode_table``,
-    and the AMQPLAIN login response goes through ``encode_longstr`` ->
-    ``encode_table``, so patching the class covers them all.
-    """
-    txamqp.codec.Codec.decode_table = _codec_decode_table
-    txamqp.codec.Codec.encode_table = _codec_encode_table
-    # txAMQP decodes each body frame "opportunistically" as text, which drops or
-    # mixes chunks of a multi-frame body; a body is bytes, always.
-    txamqp.connection.Body.decode = staticmethod(_decode_body)
-
-
-def _decode_body(spec: Any, dec: txamqp.codec.Codec) -> txamqp.connection.Body:
-    return txamqp.connection.Body(dec.decode_longbytes())
-
-
-# -- warnings ---------------------------------------------------------------------------
-
-# Twisted's @deprecated wrapper warns with stacklevel=2, i.e. at the caller of
-# returnValue: the txAMQP generator (e.g. txamqp/protocol.py), so the filter can
-# match on the module txamqp and its submodules.  The message regex is matched
-# from the start of the message only; it names the deprecated function exactly.
-_RETURNVALUE_MESSAGE = re.escape("twisted.internet.defer.returnValue was deprecated")
-_TXAMQP_MODULES = r"txamqp(\..*)?\Z"
-
-
-def silence_txamqp_returnvalue_warning() -> None:
-    """Ignore the ``returnValue`` DeprecationWarning when txAMQP's own code raises it.
-
-    Idempotent (``filterwarnings`` replaces an identical filter); the same
-    warning from any other module, and every other warning from txAMQP, still
-    shows.
-    """
-    warnings.filterwarnings(
-        "ignore",
-        message=_RETURNVALUE_MESSAGE,
-        category=DeprecationWarning,
-        module=_TXAMQP_MODULES,
-    )

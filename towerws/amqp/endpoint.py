@@ -13,7 +13,6 @@
   attempt is logged once, with the reason, by :meth:`SetUpEndpoint.connect`.
 * :func:`retry_delays` -- exponential backoff with jitter, never above the cap.
 * :func:`describe` -- one line naming why an attempt or a connection failed.
-* ``check_*`` -- validation of the PEM files given in the configuration.
 """
 
 from __future__ import annotations
@@ -22,8 +21,6 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import endpoints, error, ssl
@@ -36,6 +33,9 @@ from txamqp.client import Closed
 from txamqp.message import Message
 from zope.interface import implementer
 
+from towerws import pem
+from towerws.twisted_internals import reconnecting_protocol
+
 #: seconds a new connection has for TCP/TLS connect plus the whole AMQP setup
 SETUP_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
@@ -46,18 +46,9 @@ CONNECT_TIMEOUT = 10.0
 
 def tls_options(host: str, ca_file: str | None, cert_file: str | None, key_file: str | None) -> Any:
     """Client TLS options verifying the broker's certificate and that it names ``host``."""
-    trust = None  # None: the platform's trust store
-    if ca_file is not None:
-        trust = ssl.trustRootFromCertificates(
-            [ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in _certificates(ca_file)]
-        )
-    client = None
-    if cert_file is not None:
-        pem = _read(cert_file)
-        if key_file is not None:
-            pem += b"\n" + _read(key_file)
-        client = ssl.PrivateCertificate.loadPEM(pem)
-    return ssl.optionsForClientTLS(host, trustRoot=trust, clientCertificate=client)
+    return ssl.optionsForClientTLS(
+        host, trustRoot=pem.trust_root(ca_file), clientCertificate=pem.client_certificate(cert_file, key_file)
+    )
 
 
 def broker_endpoint(
@@ -89,9 +80,9 @@ class _Gate(Protocol):
 
     @property
     def protocol(self) -> Any:
-        # ClientService's _ReconnectingProtocolProxy: ._protocol is the protocol
-        # our factory built; its ._lostNotification must not run before open().
-        return getattr(self.proxy, "_protocol", self.proxy)
+        # The protocol our factory built, inside ClientService's proxy: the
+        # proxy's own loss notification must not run before open().
+        return reconnecting_protocol(self.proxy)
 
     def makeConnection(self, transport: Any) -> None:
         self.transport = transport
@@ -255,63 +246,3 @@ def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("ascii", "replace")
     return str(value or "")
-
-
-# -- PEM files in the configuration --------------------------------------------------------
-
-
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as fp:
-            return fp.read()
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
-
-
-def _certificates(path: str) -> list[x509.Certificate]:
-    data = _read(path)
-    try:
-        certs = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        certs = []
-    if not certs:
-        raise ValueError(f"{path}: no PEM certificate in it")
-    return certs
-
-
-def _private_key(path: str) -> Any:
-    data = _read(path)
-    if b"PRIVATE KEY-----" not in data:
-        raise ValueError(f"{path}: no PEM private key in it")
-    try:
-        return serialization.load_pem_private_key(data, password=None)
-    except TypeError:
-        raise ValueError(f"{path}: the private key is encrypted; give an unencrypted key") from None
-    except ValueError:
-        raise ValueError(f"{path}: the private key cannot be read") from None
-
-
-def check_ca_file(path: str) -> str:
-    _certificates(path)
-    return path
-
-
-def check_cert_file(path: str) -> str:
-    _certificates(path)
-    return path
-
-
-def check_key_file(path: str) -> str:
-    _private_key(path)
-    return path
-
-
-def check_client_certificate(cert_file: str, key_file: str | None) -> None:
-    """The client certificate has its key (in ``key_file`` or its own file) and they match."""
-    if key_file is None and b"PRIVATE KEY-----" not in _read(cert_file):
-        raise ValueError(f"{cert_file}: no private key in it; give --amqp-key-file")
-    key = _private_key(key_file or cert_file)
-    pub = serialization.PublicFormat.SubjectPublicKeyInfo
-    cert_key = _certificates(cert_file)[0].public_key().public_bytes(serialization.Encoding.PEM, pub)
-    if key.public_key().public_bytes(serialization.Encoding.PEM, pub) != cert_key:
-        raise ValueError(f"{key_file or cert_file}: the private key does not belong to the certificate in {cert_file}")

@@ -1,0 +1,151 @@
+"""towerws.amqp.bindings without a broker: the per-group state machine, waits, timeouts, re-binding."""
+
+from __future__ import annotations
+
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from amqphelpers import fired
+from logcapture import LogCapture
+from towerws.amqp.bindings import Bindings
+from towerws.bus import BrokerUnavailable
+
+# -- Bindings ----------------------------------------------------------------------------------
+
+
+class FakeChannel:
+    """Records queue_bind / queue_unbind; the test answers each one."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, str, Deferred]] = []
+
+    def queue_bind(self, queue: str, exchange: str, routing_key: str) -> Deferred:
+        return self._op("bind", routing_key)
+
+    def queue_unbind(self, queue: str, exchange: str, routing_key: str) -> Deferred:
+        return self._op("unbind", routing_key)
+
+    def _op(self, op: str, group: str) -> Deferred:
+        d: Deferred = Deferred()
+        self.ops.append((op, group, d))
+        return d
+
+    def pending(self) -> list[tuple[str, str]]:
+        return [(op, g) for op, g, d in self.ops if not d.called]
+
+    def answer(self, n: int = 1) -> None:
+        for _, _, d in [o for o in self.ops if not o[2].called][:n]:
+            d.callback(None)
+
+
+def make_bindings(grace: float = 5.0, timeout: float = 10.0) -> tuple[Bindings, FakeChannel, Clock]:
+    clock = Clock()
+    b = Bindings("ex", "q", clock, grace=grace, timeout=timeout)
+    ch = FakeChannel()
+    b.attach(ch)
+    return b, ch, clock
+
+
+
+
+def test_reply_waits_for_the_bind() -> None:
+    b, ch, _ = make_bindings()
+    b.group_activated("g")
+    d = b.when_bound(["g"])
+    assert ch.pending() == [("bind", "g")] and not d.called
+    ch.answer()
+    assert d.called and b.bound == {"g"}
+    assert fired(b.when_bound(["g"])) is None  # bound: at once
+
+
+def test_unbind_only_after_grace_and_not_if_resubscribed() -> None:
+    b, ch, clock = make_bindings(grace=5)
+    b.group_activated("g")
+    ch.answer()
+    b.group_deactivated("g")
+    clock.advance(4.9)
+    assert ch.pending() == []  # still bound within the grace period
+    b.group_activated("g")  # the UI navigated back
+    clock.advance(10)
+    assert ch.pending() == [] and b.bound == {"g"}
+    b.group_deactivated("g")
+    clock.advance(5)
+    assert ch.pending() == [("unbind", "g")]
+    ch.answer()
+    assert b.bound == set()
+
+
+def test_burst_ends_bound_with_one_operation_at_a_time() -> None:
+    b, ch, _ = make_bindings(grace=0)
+    b.group_activated("g")
+    b.group_deactivated("g")
+    b.group_activated("g")
+    assert ch.pending() == [("bind", "g")]
+    ch.answer()
+    assert ch.pending() == []  # wanted again before the bind answered: nothing to undo
+    b.group_deactivated("g")
+    b.group_activated("g")
+    assert ch.pending() == [("unbind", "g")]
+    ch.answer()
+    assert ch.pending() == [("bind", "g")]
+    ch.answer()
+    assert b.bound == {"g"} and ch.pending() == []
+
+
+def test_reply_during_an_unbind_waits_for_the_rebind() -> None:
+    # Regression: a group "bound" with its unbind in flight looked ready, so a
+    # reply went out while the queue was about to lose the binding.
+    b, ch, _ = make_bindings(grace=0)
+    b.group_activated("g")
+    ch.answer()
+    b.group_deactivated("g")  # unbind in flight
+    b.group_activated("g")  # a new subscriber
+    d = b.when_bound(["g"])
+    ch.answer()  # unbind-ok
+    assert not d.called
+    assert ch.pending() == [("bind", "g")]
+    ch.answer()
+    assert d.called and fired(d) is None
+
+
+def test_timeout_says_unavailable_and_keeps_the_subscription() -> None:
+    clock = Clock()
+    b = Bindings("ex", "q", clock, grace=5, timeout=2)
+    b.group_activated("g")  # no channel: the broker is away
+    d = b.when_bound(["g"])
+    clock.advance(2)
+    assert isinstance(fired(d).value, BrokerUnavailable)
+    ch = FakeChannel()
+    b.attach(ch)  # the broker is back
+    assert ch.pending() == [("bind", "g")]
+
+
+def test_new_channel_rebinds_wanted_and_unbinds_leftovers() -> None:
+    b, ch, clock = make_bindings(grace=5)
+    for g in ("a", "b", "c"):
+        b.group_activated(g)
+    ch.answer(3)
+    b.group_deactivated("b")  # in grace: still wanted bound
+    b.group_activated("d")  # bind in flight when the connection drops
+    b.detach()
+    b.group_deactivated("c")
+    clock.advance(5)  # grace over while disconnected
+    ch2 = FakeChannel()
+    b.attach(ch2)
+    assert sorted(ch2.pending()) == [("bind", "a"), ("bind", "d"), ("unbind", "b"), ("unbind", "c")]
+    ch.answer()  # the old channel's late answer changes nothing
+    ch2.answer(4)
+    assert b.bound == {"a", "d"}
+
+
+def test_failed_operation_asks_for_a_new_connection() -> None:
+    b, ch, _ = make_bindings()
+    dropped = []
+    b.on_error = lambda: dropped.append(True)
+    b.group_activated("g")
+    with LogCapture() as log:
+        ch.ops[0][2].errback(Failure(ValueError("boom")))
+    assert dropped == [True]
+    assert log.count("AMQP bind of group g failed: ValueError: boom; reconnecting") == 1
