@@ -71,10 +71,3 @@ def test_shipped_config_lists_every_option_and_loads(monkeypatch: pytest.MonkeyP
         assert f"\n{fld.name} =" in text or f"\n# {fld.name} =" in text, fld.name
     s = config.load({}, environ={}, config_file=str(ROOT / "etc" / "towerws.conf"))
     assert s.tokens_file is not None and s.tokens_file.users["dev-token"].id == 1
-
-
-def test_readme_option_table_matches_code() -> None:
-    readme = (ROOT / "README.md").read_text()
-    begin, end = "<!-- options-table:begin -->\n", "\n<!-- options-table:end -->"
-    table = readme.split(begin, 1)[1].split(end, 1)[0]
-    assert table == config.options_table(), "regenerate with: .venv/bin/python -m towerws.config"
