@@ -24,9 +24,10 @@ run: $(STAMP)
 	@echo "  watch:   curl localhost:8051/metrics   (and /healthz, /readyz)"
 	exec $(VENV)/bin/twistd --nodaemon --pidfile= towerws --config $(CONFIG)
 
-# The suite needs a real RabbitMQ; tests/conftest.py starts the local one if needed.
+# The whole suite, against the real RabbitMQ: --start-broker starts the local one if
+# nothing listens on 5672 (plain pytest without a broker runs the unit tests only).
 test: $(STAMP) test-deps
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --start-broker
 
 # Debian packages the tests drive: nginx in front of towerws, Chromium for the console
 # (never a downloaded browser build). Installed only when missing; where that is

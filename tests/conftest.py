@@ -58,9 +58,27 @@ def _broker_listening() -> bool:
         return False
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--start-broker", action="store_true",
+        help="start the local RabbitMQ (rabbitmq-server -detached) if nothing listens on 127.0.0.1:5672, "
+             "and stop the run if none can be had (make test does this)",
+    )
+
+
+#: why the broker tests skip, or None while a broker answers
+NO_BROKER: str | None = None
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Make sure RabbitMQ is there: start the local one if needed, else stop with one line."""
+    """Make sure RabbitMQ is there: with --start-broker start the local one if needed; else note its absence."""
+    global NO_BROKER
     if _broker_listening():
+        return
+    if not session.config.getoption("start_broker"):
+        # Unit tests still run; every test that needs the broker skips with this one reason.
+        NO_BROKER = ("no RabbitMQ on 127.0.0.1:5672 (guest/guest): broker tests skipped; "
+                     "make test (pytest --start-broker) starts the local one")
         return
     if shutil.which("rabbitmq-server") is None:
         pytest.exit("towerws tests need RabbitMQ on 127.0.0.1:5672 (guest/guest): nothing listens there "
@@ -73,6 +91,20 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         time.sleep(0.5)
     pytest.exit("towerws tests need RabbitMQ on 127.0.0.1:5672: started rabbitmq-server -detached "
                 "but nothing listened within 90 s", returncode=1)
+
+
+def need_broker() -> None:
+    """Skip the calling test (or fixture) when no broker answers; see pytest_sessionstart."""
+    if NO_BROKER is not None:
+        pytest.skip(NO_BROKER)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if NO_BROKER is None:
+        return
+    for item in items:
+        if item.get_closest_marker("broker"):
+            item.add_marker(pytest.mark.skip(reason=NO_BROKER))
 
 
 def unique(prefix: str) -> str:
@@ -250,6 +282,7 @@ class Bound:
 
 @pytest.fixture
 def bound() -> Iterator[Bound]:
+    need_broker()
     b = Bound()
     yield b
     b.close()
@@ -257,14 +290,17 @@ def bound() -> Iterator[Bound]:
 
 @pytest.fixture
 def exchange() -> Any:
+    """A fresh exchange name for the test's server; deleted afterwards (when there is a broker)."""
     name = unique("towerws-test")
     yield name
-    with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as conn:
-        conn.channel().exchange_delete(name)
+    if NO_BROKER is None:
+        with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as conn:
+            conn.channel().exchange_delete(name)
 
 
 @pytest.fixture
 def publisher(exchange: str) -> Any:
+    need_broker()
     pub = Publisher(exchange)
     yield pub
     pub.close()
@@ -458,6 +494,8 @@ def server_factory(exchange: str, tokens_file: str) -> Any:
     started: list[Server] = []
 
     async def make(ready: bool = True, **extra: Any) -> Server:
+        if str(extra.get("amqp_url", AMQP_URL)).lower() != "none":
+            need_broker()
         server = await start_server(server_options(exchange, tokens_file, **extra), ready=ready)
         started.append(server)
         return server

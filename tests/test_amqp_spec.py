@@ -37,10 +37,10 @@ from txamqp.connection import Method as MethodFrame
 from txamqp.content import Content
 from txamqp.protocol import AMQClient
 
+from conftest import AMQP_URL, need_broker
 from towerws.amqp import spec as amqpspec
 from towerws.amqp import txamqp_internals
 
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEADLINE = 10.0
 
 
@@ -475,6 +475,7 @@ BODY = b"\xff\xfe not UTF-8 \x00\x01" + bytes(range(256)) * 1100
 
 @pytest.fixture
 def route() -> Iterator[Route]:
+    need_broker()
     tag = uuid.uuid4().hex[:10]
     r = Route(f"towerws-test-amqpspec-{tag}", f"towerws-test-amqpspec-{tag}", "rich.headers")
     with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as conn:

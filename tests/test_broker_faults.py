@@ -206,6 +206,7 @@ async def test_each_failed_attempt_logged_once_without_password(server_factory) 
     assert not server.service.bus.ready
 
 
+@pytest.mark.broker
 @aio_test
 async def test_refused_setup_is_logged_and_retried_until_it_works(server_factory) -> None:
     node = unique("setup")
@@ -284,6 +285,7 @@ async def test_a_topic_exchange_works_too(server_factory, exchange: str) -> None
         publisher.close()
 
 
+@pytest.mark.broker
 @aio_test
 async def test_an_exchange_of_another_type_is_refused_with_the_brokers_reason(server_factory, exchange: str) -> None:
     someone = Publisher(exchange, "topic")  # declared it topic before towerws came

@@ -117,6 +117,7 @@ def supervisorctl(conf: Path, *args: str) -> str:
     return result.stdout + result.stderr
 
 
+@pytest.mark.broker
 @aio_test
 async def test_supervisord_runs_and_stops_towerws_gracefully(exchange: str, tokens_file: str,
                                                              tmp_path: Path) -> None:

@@ -121,6 +121,7 @@ async def test_unreachable_broker_fails_without_password() -> None:
     assert "secretpw" not in str(info.value)
 
 
+@pytest.mark.broker
 @aio_test
 async def test_wrong_password_fails_without_password() -> None:
     with pytest.raises(PublishError) as info:
