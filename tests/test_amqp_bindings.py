@@ -44,7 +44,7 @@ def make_bindings(grace: float = 5.0, timeout: float = 10.0) -> tuple[Bindings, 
     clock = Clock()
     b = Bindings("ex", "q", clock, grace=grace, timeout=timeout)
     ch = FakeChannel()
-    b.attach(ch)
+    b.attach([ch], kept=False)
     return b, ch, clock
 
 
@@ -118,12 +118,13 @@ def test_timeout_says_unavailable_and_keeps_the_subscription() -> None:
     clock.advance(2)
     assert isinstance(fired(d).value, BrokerUnavailable)
     ch = FakeChannel()
-    b.attach(ch)  # the broker is back
+    b.attach([ch], kept=False)  # the broker is back
     assert ch.pending() == [("bind", "g")]
 
 
-def test_new_channel_rebinds_wanted_and_unbinds_leftovers() -> None:
-    b, ch, clock = make_bindings(grace=5)
+def _drop_with_changes(b: Bindings, ch: FakeChannel, clock: Clock) -> None:
+    """a, b, c bound; b left (in grace), d's bind in flight when the connection drops; c left and b, c's grace
+    ends while disconnected."""
     for g in ("a", "b", "c"):
         b.group_activated(g)
     ch.answer(3)
@@ -132,12 +133,51 @@ def test_new_channel_rebinds_wanted_and_unbinds_leftovers() -> None:
     b.detach()
     b.group_deactivated("c")
     clock.advance(5)  # grace over while disconnected
+
+
+def test_a_kept_queue_binds_only_what_is_missing_and_unbinds_leftovers() -> None:
+    b, ch, clock = make_bindings(grace=5)
+    _drop_with_changes(b, ch, clock)
     ch2 = FakeChannel()
-    b.attach(ch2)
-    assert sorted(ch2.pending()) == [("bind", "a"), ("bind", "d"), ("unbind", "b"), ("unbind", "c")]
-    ch.answer()  # the old channel's late answer changes nothing
-    ch2.answer(4)
+    b.attach([ch2], kept=True)
+    # "a" is still bound on the queue that outlived the connection: no operation for it.
+    assert sorted(ch2.pending()) == [("bind", "d"), ("unbind", "b"), ("unbind", "c")]
+    assert fired(b.when_bound(["a"])) is None
+    ch.answer()  # the old connection's late answer changes nothing
+    ch2.answer(3)
     assert b.bound == {"a", "d"}
+
+
+def test_a_new_queue_binds_everything_wanted() -> None:
+    b, ch, clock = make_bindings(grace=5)
+    _drop_with_changes(b, ch, clock)
+    ch2 = FakeChannel()
+    b.attach([ch2], kept=False)  # e.g. it expired while this node was away: no bindings at all
+    assert sorted(ch2.pending()) == [("bind", "a"), ("bind", "d")]
+    ch2.answer(2)
+    assert b.bound == {"a", "d"}
+
+
+def test_operations_are_pipelined_over_the_channels_one_channel_per_group() -> None:
+    clock = Clock()
+    b = Bindings("ex", "q", clock, grace=0, timeout=10)
+    channels = [FakeChannel() for _ in range(4)]
+    b.attach(channels, kept=False)
+    groups = [f"job_events-{i}" for i in range(400)]
+    for g in groups:
+        b.group_activated(g)
+    # Every bind is in flight at once, spread over all channels.
+    assert sum(len(c.pending()) for c in channels) == 400 and all(c.pending() for c in channels)
+    for c in channels:
+        c.answer(1000)
+    assert b.bound == set(groups)
+    b.group_deactivated(groups[0])
+    b.group_activated(groups[0])
+    # The unbind and the re-bind of one group go to the same channel (in order), one after the other.
+    (home,) = [c for c in channels if c.pending()]
+    assert home.pending() == [("unbind", groups[0])]
+    home.answer()
+    assert home.pending() == [("bind", groups[0])]
 
 
 def test_failed_operation_asks_for_a_new_connection() -> None:

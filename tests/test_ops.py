@@ -139,9 +139,11 @@ async def test_metric_labels_stay_bounded(server: Server, publisher) -> None:
     _, _, body = await http_get(server.http + "/metrics")
     text = body.decode()
     assert "424242" not in text and "limit_reached" not in text
-    allowed = {"outcome", "le", "node_id", "version"}
+    allowed = {"outcome", "le", "node_id", "version", "broker"}
+    configured = {address.node for address in server.service.settings.amqp_url}
     for (name, labels), _ in samples(text).items():
         assert {key for key, _ in labels} <= allowed, name
+        assert dict(labels).get("broker", "127.0.0.1:5672") in configured, name
     await ws.close()
 
 

@@ -170,12 +170,14 @@ async def test_without_the_option_the_endpoint_is_404(server: Server) -> None:
 
 @aio_test
 async def test_broker_down_is_503(server_factory: Any, secret_file: str) -> None:
-    server = await server_factory(ready=False, publish_secret_file=secret_file,
+    # The publish waits (for a broker node to come back) up to --publish-timeout, then says why.
+    server = await server_factory(ready=False, publish_secret_file=secret_file, publish_timeout="1",
                                   amqp_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F")
     assert server.service.bus.state == "connecting"
     code, body, _ = await post(server, [{"group": "jobs-summary", "payload": 1}])
     assert code == 503
-    assert body["error"].startswith("broker unavailable: not connected to the AMQP broker") and body["confirmed"] == 0
+    assert body["error"] == ("broker unavailable: no broker node confirmed the message within 1 s "
+                             "(not connected to a broker)") and body["confirmed"] == 0
     assert "guest:guest" not in json.dumps(body)
 
 
@@ -237,7 +239,7 @@ def test_202_only_once_every_message_is_confirmed(tmp_path: Path) -> None:
 
 
 @aio_test
-async def test_publishing_channel_lost_gives_503_then_node_recovers(api_server: Server, exchange: str) -> None:
+async def test_publishing_channel_lost_costs_a_reconnect_and_the_publish_goes_through(api_server: Server, exchange: str) -> None:
     bus = api_server.service.bus
     ws = await api_server.connect()
     await ws.subscribe({"jobs": ["summary"]})
@@ -248,12 +250,15 @@ async def test_publishing_channel_lost_gives_503_then_node_recovers(api_server: 
 
     await asyncio.to_thread(delete_exchange)
     client = bus.client
+    # The broker closes the publishing channel (404 no exchange); that costs the connection, the
+    # node reconnects, declares the exchange again, and the publish is sent again and confirmed.
     code, body, _ = await post(api_server, {"group": "jobs-summary", "payload": 1})
-    assert code == 503 and "404 NOT_FOUND - no exchange" in body["error"]
-    # A channel the broker closed costs the connection: the node reconnects and declares the exchange again.
-    await wait(client.lost)
-    await wait(bus.when_ready())
+    assert code == 202, body
+    assert client.lost.called and bus.client is not client
     await wait(bus.when_bound(["jobs-summary"]))
     assert (await post(api_server, {"group": "jobs-summary", "payload": 3}))[0] == 202
-    assert await ws.recv_json() == 3
+    # The new exchange has no bindings until the node re-binds: payload 1 is lost to the client
+    # when its retry got there first (confirmed, and routed nowhere).
+    first = await ws.recv_json()
+    assert first == 3 or (first == 1 and await ws.recv_json() == 3)
     await ws.close()

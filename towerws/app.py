@@ -85,6 +85,8 @@ class TowerService(MultiService):
             groups=lambda: len(hub.active_groups),
             bindings=lambda: bus.bound_count,
             consuming=lambda: bus.ready,
+            brokers=[a.node for a in self.settings.amqp_url] if self.settings.amqp_url is not None else [],
+            broker=lambda: bus.broker,
             totals={
                 "towerws_amqp_messages_consumed": ("messages consumed from this node's queue", lambda: bus.consumed),
                 "towerws_amqp_messages_dropped": ("messages dropped: body not UTF-8 JSON", lambda: bus.dropped),
@@ -105,6 +107,7 @@ class TowerService(MultiService):
         return {
             "status": "ready" if self.ready() else "not ready",
             "amqp": self.bus.state,
+            "broker": self.bus.broker,
             "connections": len(self.factory.connections),
             "groups": len(self.hub.active_groups),
             "node_id": self.settings.node_id,

@@ -1,14 +1,19 @@
-"""Broker URLs: ``amqp://`` / ``amqps://`` parsing, and showing them without their passwords.
+"""Broker URLs: ``amqp://`` / ``amqps://`` parsing, lists of cluster nodes, and showing them without passwords.
 
-One parser for every reader of a broker URL: the server's ``--amqp-url``, the
+One parser for every reader of broker URLs: the server's ``--amqp-url``, the
 synchronous emitter and ``towerws-publish`` (:mod:`towerws.emit`), the Twisted
-publisher.  A parsed :class:`AMQPAddress` keeps the password out of ``str()``
-and ``repr()``; :func:`redact_url` shows any text (even an unparsable one)
-without it.  Pure: no I/O, no AMQP client.
+publisher.  A value is one URL or a comma-separated list, one URL per node of a
+RabbitMQ cluster (:class:`Brokers`); each may carry its own credentials, all use
+the same scheme.  A parsed :class:`AMQPAddress` keeps the password out of
+``str()`` and ``repr()``, and no error message ever quotes a URL;
+:func:`redact_url` shows any text (even an unparsable one) without its password.
+Pure: no I/O, no AMQP client.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
@@ -37,6 +42,50 @@ class AMQPAddress:
         """The SASL PLAIN response: authorization id (empty), user name, password."""
         return f"\0{self.username}\0{self.password}"
 
+    @property
+    def node(self) -> str:
+        """``host:port``: which broker node this is, for logs, /readyz and a metric label."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Brokers:
+    """The broker URLs of one setting: one, or one per node of a cluster; never empty, one scheme."""
+
+    addresses: tuple[AMQPAddress, ...]
+
+    def __post_init__(self) -> None:
+        if not self.addresses:
+            raise ValueError("has no URL")
+        if len({a.tls for a in self.addresses}) > 1:
+            raise ValueError("mixes amqp:// and amqps:// URLs: use one scheme for every broker")
+        seen: set[tuple[str, int, str]] = set()
+        for address in self.addresses:
+            key = (address.host.lower(), address.port, address.vhost)
+            if key in seen:
+                raise ValueError(f"lists {address.node} vhost {address.vhost!r} twice")
+            seen.add(key)
+
+    @property
+    def tls(self) -> bool:
+        return self.addresses[0].tls
+
+    def __len__(self) -> int:
+        return len(self.addresses)
+
+    def __iter__(self) -> Iterator[AMQPAddress]:
+        return iter(self.addresses)
+
+    def __str__(self) -> str:
+        return ",".join(str(a) for a in self.addresses)
+
+    def shuffled(self, rng: random.Random | None = None) -> list[AMQPAddress]:
+        """The addresses in random order: a fleet of clients spreads over the cluster (as kombu does)."""
+        order = list(self.addresses)
+        (rng or random).shuffle(order)
+        return order
+
 
 def amqp_address(text: str) -> AMQPAddress:
     """Parse one broker URL; ``ValueError`` (never showing the password) if it is not one."""
@@ -62,11 +111,26 @@ def amqp_address(text: str) -> AMQPAddress:
     )
 
 
-def amqp_url_or_none(text: str) -> AMQPAddress | None:
-    """``amqp_url``: a broker URL, or ``none`` for the single-node in-process bus."""
+def brokers(text: str) -> Brokers:
+    """Parse one URL or a comma-separated list of them (``%2C`` for a comma inside a password)."""
+    parts = [part.strip() for part in text.split(",")]
+    addresses = []
+    for number, part in enumerate(parts, 1):
+        where = f"URL {number} of {len(parts)} " if len(parts) > 1 else ""
+        if not part:
+            raise ValueError(f"{where}is empty")
+        try:
+            addresses.append(amqp_address(part))
+        except ValueError as exc:
+            raise ValueError(f"{where}{exc}") from None
+    return Brokers(tuple(addresses))
+
+
+def brokers_or_none(text: str) -> Brokers | None:
+    """``amqp_url``: broker URL(s), or ``none`` for the single-node in-process bus."""
     if text.strip().lower() == "none":
         return None
-    return amqp_address(text)
+    return brokers(text)
 
 
 def redact_url(url: str) -> str:

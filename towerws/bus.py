@@ -53,6 +53,8 @@ class Bus(Protocol):
     dropped: int
     #: groups this node's queue is bound to (0 without a broker)
     bound_count: int
+    #: ``host:port`` of the broker node in use (None without one, or while connecting)
+    broker: str | None
 
     # -- the hub's listener ------------------------------------------------------
 
@@ -90,6 +92,7 @@ class LocalBus(Service):
     state = "disabled"
     ready = True
     bound_count = 0
+    broker = None
 
     def __init__(self, hub: Hub):
         self.hub = hub

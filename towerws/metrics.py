@@ -101,6 +101,10 @@ class Metrics:
         self.groups = Gauge("towerws_groups_active", "groups with at least one local subscriber", registry=r)
         self.bindings = Gauge("towerws_amqp_bindings", "groups this node's queue is bound to", registry=r)
         self.amqp_up = Gauge("towerws_amqp_consuming", "1 while the broker connection is up and consuming", registry=r)
+        self.amqp_broker = Gauge(
+            "towerws_amqp_broker", "1 for the broker node (host:port of a configured URL) this node consumes from",
+            ["broker"], registry=r,
+        )
         self.handshakes = Counter(
             "towerws_handshakes", "websocket handshakes by outcome", ["outcome"], registry=r
         )
@@ -136,13 +140,20 @@ class Metrics:
 
     def bind(self, node_id: str, connections: Callable[[], int], groups: Callable[[], int],
              bindings: Callable[[], int], consuming: Callable[[], bool],
-             totals: dict[str, tuple[str, Callable[[], int]]]) -> None:
-        """Point the gauges and the int-backed counters at the live objects."""
+             totals: dict[str, tuple[str, Callable[[], int]]],
+             brokers: Sequence[str] = (), broker: Callable[[], str | None] = lambda: None) -> None:
+        """Point the gauges and the int-backed counters at the live objects.
+
+        ``brokers``: every configured broker node (a bounded label set); ``broker()``
+        the one in use.
+        """
         self.info.info({"version": __version__, "node_id": node_id})
         self.connections.set_function(connections)
         self.groups.set_function(groups)
         self.bindings.set_function(bindings)
         self.amqp_up.set_function(lambda: 1.0 if consuming() else 0.0)
+        for node in brokers:
+            self.amqp_broker.labels(node).set_function(lambda node=node: 1.0 if broker() == node else 0.0)
         self.registry.register(_Totals(totals))
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:

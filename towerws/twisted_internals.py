@@ -15,6 +15,9 @@ pinned in ``setup.cfg`` to the release series this was written against.
 * :func:`hand_over` -- a connection's transport is given another protocol
   (``tcp.Connection.protocol``, or ``TLSMemoryBIOProtocol.wrappedProtocol``), as
   Autobahn's ``WebSocketResource`` does.
+* :class:`QuietClientService` -- ``ClientService`` logs "Scheduling retry ..."
+  through its class attribute ``_log`` after every failed attempt; towerws
+  logs each failure itself, with the reason, once.
 * :func:`socket_of` / :func:`hold_writes` -- plain-TCP fan-out writes straight to
   the socket while the transport's buffer is empty; once the transport holds
   bytes, ``FileDescriptor.producerPaused`` makes it resume the producer when
@@ -27,10 +30,14 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from twisted.application.internet import ClientService
 from twisted.internet import abstract, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocol, ITransport, _ISupportsExitSignalCapturing
+from twisted.logger import LogEvent, Logger, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper
+
+RETRY_LINE = "Scheduling retry"
 
 
 def listening_port(service: Any) -> Deferred[Any]:
@@ -47,6 +54,17 @@ def forget_exit_signal(reactor: Any) -> None:
 def reconnecting_protocol(proxy: Any) -> Any:
     """The protocol inside ``ClientService``'s ``_ReconnectingProtocolProxy`` (or ``proxy`` itself)."""
     return getattr(proxy, "_protocol", proxy)
+
+
+def _without_retry_lines(event: LogEvent) -> None:
+    if not str(event.get("log_format", "")).startswith(RETRY_LINE):
+        globalLogPublisher(event)
+
+
+class QuietClientService(ClientService):
+    """``ClientService`` minus its "Scheduling retry {attempt} ..." line; everything else it logs goes on."""
+
+    _log = Logger(observer=_without_retry_lines)
 
 
 def hand_over(transport: ITransport, protocol: IProtocol) -> None:

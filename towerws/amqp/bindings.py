@@ -3,13 +3,23 @@
 :class:`Bindings` binds the queue to each group the hub reports active and
 unbinds it a grace period after the group's last subscriber left; one operation
 in flight per group (replies on a channel come in order, but a bind-unbind-bind
-burst must end bound), re-applied on every new channel.  A groups reply waits
-on :meth:`Bindings.when_bound` for its own groups, bounded by ``bind_timeout``.
+burst must end bound), re-applied on every new connection.  A groups reply
+waits on :meth:`Bindings.when_bound` for its own groups, bounded by
+``bind_timeout``.
+
+Operations are pipelined: each is sent as soon as it is wanted, many are in
+flight at once, spread over several channels (RabbitMQ works through one
+channel's methods one at a time, and a durable binding costs it a disk
+transaction: measured, four channels bind 1.6-1.8x faster than one).  After a
+reconnect only what is missing is bound: when the exchange and the queue
+outlived the connection (their bindings with them), the groups known bound stay
+bound.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -35,8 +45,8 @@ class Bindings:
 
     The hub calls :meth:`group_activated` / :meth:`group_deactivated`; a groups
     reply waits on :meth:`when_bound`.  Operations for one group never overlap
-    (replies on a channel come in order, but a bind-unbind-bind burst must end
-    bound), and the state is re-applied on each new channel.
+    and always go to the same channel; the state is re-applied on each new
+    connection (:meth:`attach`).
     """
 
     log = Logger()
@@ -50,7 +60,9 @@ class Bindings:
         self._busy: set[str] = set()
         self._grace_calls: dict[str, IDelayedCall] = {}
         self._waiters: dict[str, set[_Waiter]] = {}
-        self._channel: Any = None
+        self._channels: Sequence[Any] = ()
+        #: counts attach/detach: an answer from an older connection is ignored
+        self._generation = 0
         self.on_error: Callable[[], None] = lambda: None
 
     # -- hub events ------------------------------------------------------------
@@ -75,17 +87,29 @@ class Bindings:
 
     # -- channel lifecycle -----------------------------------------------------
 
-    def attach(self, channel: Any) -> None:
-        """A new channel is ready: bind what is wanted, unbind leftovers."""
-        self._channel = channel
-        self._unknown |= self.bound | self._busy
-        self.bound = set()
+    def attach(self, channels: Sequence[Any], kept: bool) -> None:
+        """A new connection is ready: bind what is wanted and missing, unbind leftovers.
+
+        ``kept``: the exchange and the queue existed before this connection declared
+        them, so the groups known bound still are (the broker keeps durable
+        bindings); otherwise the queue has no bindings yet.
+        """
+        self._channels = channels
+        self._generation += 1
+        if kept:
+            # An operation in flight when the connection dropped may or may not have happened.
+            self._unknown |= self._busy
+            self.bound -= self._busy
+        else:
+            self._unknown = set()
+            self.bound = set()
         self._busy = set()
-        for group in self.wanted | set(self._grace_calls) | self._unknown:
+        for group in self.wanted | set(self._grace_calls) | self._unknown | self.bound:
             self._reconcile(group)
 
     def detach(self) -> None:
-        self._channel = None
+        self._channels = ()
+        self._generation += 1
 
     def stop(self) -> None:
         for call in self._grace_calls.values():
@@ -126,18 +150,20 @@ class Bindings:
     # -- the state machine -----------------------------------------------------
 
     def _reconcile(self, group: str) -> None:
-        channel = self._channel
-        if channel is None or group in self._busy:
+        if not self._channels or group in self._busy:
             return
         want = group in self.wanted or group in self._grace_calls
         if want and group not in self.bound:
-            self._run(channel, group, bind=True)
+            self._run(group, bind=True)
         elif not want and (group in self.bound or group in self._unknown):
-            self._run(channel, group, bind=False)
+            self._run(group, bind=False)
         elif want:
             self._fire(group)
 
-    def _run(self, channel: Any, group: str, bind: bool) -> None:
+    def _run(self, group: str, bind: bool) -> None:
+        # One channel per group (a stable hash): its operations stay in order.
+        channel = self._channels[zlib.crc32(group.encode("utf-8")) % len(self._channels)]
+        generation = self._generation
         self._busy.add(group)
         if bind:
             d = channel.queue_bind(queue=self.queue, exchange=self.exchange, routing_key=group)
@@ -145,15 +171,15 @@ class Bindings:
             d = channel.queue_unbind(queue=self.queue, exchange=self.exchange, routing_key=group)
 
         def done(_: object) -> None:
-            if channel is not self._channel:
-                return  # an answer from a channel that is gone; attach() redoes it
+            if generation != self._generation:
+                return  # an answer from a connection that is gone; attach() redoes it
             self._busy.discard(group)
             self._unknown.discard(group)
             (self.bound.add if bind else self.bound.discard)(group)
             self._reconcile(group)
 
         def failed(failure: Failure) -> None:
-            if channel is not self._channel:
+            if generation != self._generation:
                 return
             self._busy.discard(group)
             self.log.error(

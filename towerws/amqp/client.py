@@ -32,6 +32,10 @@ from towerws.amqp.txamqp_internals import ClientBase
 CHANNEL = 1
 #: the node's confirm-mode publishing channel
 PUBLISH_CHANNEL = 2
+#: channels the queue's bind/unbind operations are spread over
+BINDING_CHANNELS = (3, 4, 5, 6)
+#: a short-lived channel: do the exchange and the node's queue exist already?
+PROBE_CHANNEL = 7
 FRAME_END = 0xCE
 _HEADER = struct.Struct("!BHI")
 _U64 = struct.Struct("!Q")
@@ -174,8 +178,10 @@ class BrokerProtocol(ClientBase):
         self._close_reason = f"no traffic from the broker for {self.silence_limit:g} s (heartbeat)"
 
     def on_channel_failed(self, channel: Any, reason: Failure) -> None:
-        # The broker closed our only channel (a channel error): without a new
-        # connection nothing would be consumed any more.
+        if channel.id == PROBE_CHANNEL:
+            return  # the probe's 404 answers its question (see AMQPService._bindings_kept)
+        # The broker closed a channel we rely on (a channel error): without a new
+        # connection nothing would be consumed, bound or published any more.
         self.drop(describe(reason))
 
     def drop(self, reason: str) -> None:

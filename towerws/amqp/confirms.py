@@ -61,8 +61,11 @@ class Confirms:
     def in_flight(self) -> int:
         return len(self._pending)
 
-    def publish(self, routing_key: str, body: bytes) -> Deferred[None]:
-        """Send one message; the Deferred fires when the broker confirms it, fails with PublishError otherwise."""
+    def publish(self, routing_key: str, body: bytes, timeout: float | None = None) -> Deferred[None]:
+        """Send one message; the Deferred fires when the broker confirms it, fails with PublishError otherwise.
+
+        ``timeout``: seconds to wait for the confirm (default: the channel's).
+        """
         if self.error is not None:
             return fail(self.error)
         tag = next(self._tags)
@@ -73,16 +76,17 @@ class Confirms:
             exchange=self.exchange, routing_key=routing_key, content=Content(body, properties=dict(PROPERTIES))
         )
         sent.addErrback(self._send_failed)
-        d.addTimeout(self.timeout, self.clock)
-        d.addErrback(self._timed_out)
+        seconds = self.timeout if timeout is None else timeout
+        d.addTimeout(seconds, self.clock)
+        d.addErrback(self._timed_out, seconds)
         return d
 
     def _send_failed(self, failure: Failure) -> None:
         self.fail(PublishError(f"cannot publish to exchange '{self.exchange}': {failure.getErrorMessage()}"))
 
-    def _timed_out(self, failure: Failure) -> Failure:
+    def _timed_out(self, failure: Failure, seconds: float) -> Failure:
         if failure.check(TimeoutError):
-            raise PublishError(f"the broker did not confirm the message within {self.timeout:g} s")
+            raise PublishError(f"the broker did not confirm the message within {seconds:g} s")
         return failure
 
     def settle(self, tag: int, multiple: bool, ok: bool) -> None:

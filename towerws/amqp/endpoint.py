@@ -1,6 +1,7 @@
-"""How towerws reaches the broker: the endpoint, the retry delays, and what a failed attempt is called.
+"""How towerws reaches the broker: the endpoints, the retry delays, and what a failed attempt is called.
 
-* :func:`broker_endpoint` -- ``HostnameEndpoint`` for ``amqp://``; for ``amqps://``
+* :func:`broker_endpoint` -- ``HostnameEndpoint`` (a connect timeout of
+  :data:`CONNECT_TIMEOUT`: an unreachable node costs seconds, not minutes) for ``amqp://``; for ``amqps://``
   the same wrapped in TLS with certificate *and* hostname verification
   (``optionsForClientTLS``, service-identity).  There is no plaintext fallback:
   a TLS failure fails the attempt.
@@ -11,6 +12,11 @@
   connects, and never hears of a connection lost *during* setup, a case its
   state machine has no transition for (``automat.NoTransition``).  Each failed
   attempt is logged once, with the reason, by :meth:`SetUpEndpoint.connect`.
+* :class:`FailoverEndpoint` -- one :class:`SetUpEndpoint` per broker node (in a
+  shuffled order, so a fleet of towerws nodes spreads over the cluster):
+  ``connect()`` tries them one after the other, starting with the node after
+  the one last used, and fails only once every node has; ``ClientService``'s
+  backoff then applies to whole passes over the list.
 * :func:`retry_delays` -- exponential backoff with jitter, never above the cap.
 * :func:`describe` -- one line naming why an attempt or a connection failed.
 """
@@ -36,9 +42,14 @@ from zope.interface import implementer
 from towerws import pem
 from towerws.twisted_internals import reconnecting_protocol
 
-#: seconds a new connection has for TCP/TLS connect plus the whole AMQP setup
+#: seconds a TCP connect may take (an unreachable host; a refused port fails at once)
+CONNECT_TIMEOUT = 3.0
+#: seconds from TCP connected to AMQP connection.open-ok: TLS and the AMQP handshake
+#: (a frozen broker node accepts TCP connections in its kernel, then says nothing)
+HANDSHAKE_TIMEOUT = 5.0
+#: seconds a new connection has for everything: connect, handshake, declarations,
+#: consume (which waits while the cluster still counts a hung node in: net_ticktime)
 SETUP_TIMEOUT = 30.0
-CONNECT_TIMEOUT = 10.0
 
 
 # -- the endpoint --------------------------------------------------------------------
@@ -144,7 +155,7 @@ class SetUpEndpoint:
         except BaseException as exc:
             if gate.lost_reason is None:
                 gate.transport.abortConnection()
-            elif not _broker_reply(exc):
+            elif not _broker_reply(exc) and not isinstance(exc, QueueTypeConflict):
                 # The setup only saw "closed"; the transport knows why (TLS, reset, ...).
                 raise AttemptFailed(gate.lost_reason.value) from exc
             raise
@@ -162,12 +173,64 @@ class SetUpEndpoint:
         return f"<broker {self.name}>"
 
 
+class QueueTypeConflict(Exception):
+    """The node's queue exists with another type than ``--queue-type``; the message says the way out."""
+
+
 class AttemptFailed(Exception):
     """A connection attempt failed; ``reason`` is what the transport reported."""
 
     def __init__(self, reason: BaseException):
         super().__init__(reason)
         self.reason = reason
+
+
+@implementer(IStreamClientEndpoint)
+class FailoverEndpoint:
+    """``connect()`` = the first of several :class:`SetUpEndpoint` that connects and sets up.
+
+    ``endpoints`` are in the order to try (shuffled by the caller); after a
+    connection (and so after its loss) the next ``connect()`` starts with the
+    endpoint after the one that worked.  Each failed attempt was logged by its
+    endpoint; a whole pass that failed raises :class:`NoBrokerAvailable`.
+    """
+
+    def __init__(self, endpoints: list[SetUpEndpoint]):
+        if not endpoints:
+            raise ValueError("no broker endpoints")
+        self.endpoints = endpoints
+        self._next = 0
+        #: the endpoint of the connection made last (None before the first)
+        self.current: SetUpEndpoint | None = None
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        return Deferred.fromCoroutine(self._connect(factory))
+
+    async def _connect(self, factory: IProtocolFactory) -> IProtocol:
+        count = len(self.endpoints)
+        for step in range(count):
+            index = (self._next + step) % count
+            try:
+                protocol = await self.endpoints[index].connect(factory)
+            except (CancelledError, error.ConnectingCancelledError):
+                raise  # the service is stopping
+            except Exception:
+                continue  # SetUpEndpoint has logged why; on to the next node
+            self._next = (index + 1) % count
+            self.current = self.endpoints[index]
+            return protocol
+        raise NoBrokerAvailable(count)
+
+    def __repr__(self) -> str:
+        return f"<brokers {', '.join(e.name for e in self.endpoints)}>"
+
+
+class NoBrokerAvailable(Exception):
+    """Every broker node of the list failed one attempt."""
+
+    def __init__(self, count: int):
+        super().__init__(f"none of the {count} brokers could be used")
+        self.count = count
 
 
 # -- retries ---------------------------------------------------------------------------
@@ -219,6 +282,8 @@ def describe(reason: BaseException | Failure | Message | str | None) -> str:
         return describe(reason.args[0])
     if isinstance(reason, AttemptFailed):
         return describe(reason.reason)
+    if isinstance(reason, (NoBrokerAvailable, QueueTypeConflict)):
+        return str(reason)
     if isinstance(reason, VerificationError):
         names = {_text(getattr(getattr(e, "mismatched_id", None), "hostname", "")) for e in reason.errors}
         wanted = ", ".join(sorted(n for n in names if n))

@@ -17,7 +17,7 @@ exactly in ``setup.cfg``.
   frame reader uses, under names of our own: :meth:`ClientBase.handle_frame`
   (``_unpack_frame`` + ``frame_received``), :meth:`ClientBase.traffic_seen`
   (``reschedule_check_heartbeat``), :attr:`ClientBase.silence_limit`
-  (``heartbeatInterval * MAX_UNSEEN_HEARTBEAT``), and the hooks txAMQP calls
+  (``heartbeatInterval * MAX_UNSEEN_HEARTBEAT``: three intervals), and the hooks txAMQP calls
   (``do_close``, ``check_heartbeat``, ``channel_failed``) turned into
   :meth:`ClientBase.on_close`, :meth:`ClientBase.on_heartbeat_missed`,
   :meth:`ClientBase.on_channel_failed`.
