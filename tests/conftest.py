@@ -510,3 +510,4 @@ def server_factory(exchange: str, tokens_file: str) -> Any:
 @pytest.fixture
 def server(server_factory: Any) -> Server:
     return pytest_twisted.blockon(aio(server_factory()))
+from rabbitcluster import rabbit_cluster  # noqa: F401
