@@ -130,13 +130,18 @@ async def wait(d: Deferred, timeout: float = TIMEOUT) -> Any:
     return await asyncio.wait_for(d.asFuture(asyncio.get_running_loop()), timeout)
 
 
-def aio_test(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Deferred]:
-    """Run an asyncio test coroutine on the reactor's loop (fixtures are passed through)."""
+def aio_test(fn: Callable[..., Awaitable[Any]] | None = None, *, timeout: float = 60) -> Any:
+    """Run an asyncio test coroutine on the reactor's loop (fixtures are passed through), bounded.
+
+    ``@aio_test``, or ``@aio_test(timeout=180)`` for a test that waits out slow faults.
+    """
+    if fn is None:
+        return functools.partial(aio_test, timeout=timeout)
 
     @pytest_twisted.ensureDeferred
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return await aio(asyncio.wait_for(fn(*args, **kwargs), 60))
+        return await aio(asyncio.wait_for(fn(*args, **kwargs), timeout))
 
     return wrapper
 

@@ -1,0 +1,246 @@
+"""towerws on a real 3-node RabbitMQ cluster: a broker node crashes, hangs, or the whole cluster restarts.
+
+A streaming publisher (pika, publisher confirms, on a node the fault spares)
+sends a numbered message every 50 ms to one group; a websocket client
+subscribed to it records when each number arrives.  After the fault every
+confirmed message must have arrived (duplicates are counted and allowed), and
+the longest silence between two arrivals is bounded: 5 s for a crash, 25 s for
+a hung node at towerws's default settings (the cluster runs with
+``net_ticktime = 15``, which bounds how soon any client can recover from a hung
+node: until the cluster declares it down, binding and consuming from a queue
+with a member on it block).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+from typing import Any
+
+import pika
+import pytest
+from pika.exceptions import AMQPError
+
+from conftest import Client, Server, aio_test, http_get
+from rabbitcluster import RabbitCluster
+
+# The first cluster test of a session also boots the cluster (~20-25 s).
+pytestmark = pytest.mark.timeout(300)
+
+GROUP = "job_events-7"
+INTERVAL = 0.05  # seconds between two published messages
+
+
+def report(line: str) -> None:
+    """A measurement, on stderr: shown with ``pytest -s`` (and with a failure)."""
+    sys.stderr.write(f"\n[cluster] {line}\n")
+
+
+class StreamingPublisher:
+    """Publishes ``{"seq": n}`` to ``GROUP`` every ``INTERVAL`` s, with confirms, from a thread.
+
+    It uses the first URL that works and, when its connection breaks, the next one
+    (the unconfirmed message is sent again: a duplicate at worst).  ``confirmed``
+    holds every number the broker confirmed.
+    """
+
+    def __init__(self, urls: list[str], exchange: str):
+        self.urls, self.exchange = urls, exchange
+        self.confirmed: list[int] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="streaming-publisher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _connect(self) -> Any:
+        while not self._stop.is_set():
+            for url in self.urls:
+                params = pika.URLParameters(url)
+                params.socket_timeout = params.stack_timeout = params.blocked_connection_timeout = 5
+                try:
+                    conn = pika.BlockingConnection(params)
+                    channel = conn.channel()
+                    channel.confirm_delivery()
+                    return conn, channel
+                except (AMQPError, OSError) as exc:
+                    self.errors.append(f"connect {url.rsplit('@', 1)[-1]}: {exc!r}")
+            self._stop.wait(0.5)
+        return None, None
+
+    def _run(self) -> None:
+        conn, channel = self._connect()
+        seq = 0
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                channel.basic_publish(self.exchange, GROUP, json.dumps({"seq": seq}).encode(),
+                                      pika.BasicProperties(content_type="application/json"))
+            except (AMQPError, OSError) as exc:
+                self.errors.append(f"publish {seq}: {exc!r}")
+                conn, channel = self._connect()  # and send seq again
+                continue
+            self.confirmed.append(seq)
+            seq += 1
+            next_at += INTERVAL
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+        if conn is not None and conn.is_open:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+        assert not self._thread.is_alive(), "the publisher thread did not stop"
+
+
+class Receiver:
+    """Reads the client's deliveries in the background: (seq, arrival time) in order."""
+
+    def __init__(self, client: Client):
+        self.client = client
+        self.arrivals: list[tuple[int, float]] = []
+        self._task = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            message = json.loads(await self.client.ws.recv())
+            self.arrivals.append((message["seq"], time.monotonic()))
+
+    async def until(self, seqs: set[int], timeout: float) -> None:
+        """Wait (bounded) until every one of ``seqs`` has arrived."""
+        deadline = time.monotonic() + timeout
+        while not seqs <= {s for s, _ in self.arrivals}:
+            if self._task.done():
+                self._task.result()  # raises what ended the reader (e.g. the connection closed)
+            if time.monotonic() > deadline:
+                missing = sorted(seqs - {s for s, _ in self.arrivals})
+                raise AssertionError(f"{len(missing)} confirmed messages never arrived: {missing[:20]}...")
+            await asyncio.sleep(0.05)
+
+    async def after(self, moment: float, count: int, timeout: float) -> None:
+        """Wait (bounded) until ``count`` messages arrived after ``moment``: deliveries have resumed."""
+        deadline = time.monotonic() + timeout
+        while sum(1 for _, at in self.arrivals if at > moment) < count:
+            if self._task.done():
+                self._task.result()
+            assert time.monotonic() < deadline, f"deliveries did not resume within {timeout} s"
+            await asyncio.sleep(0.05)
+
+    def longest_gap(self) -> float:
+        times = [at for _, at in self.arrivals]
+        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+    def duplicates(self) -> int:
+        return len(self.arrivals) - len({s for s, _ in self.arrivals})
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+async def start_on_cluster(server_factory: Any, cluster: RabbitCluster, **extra: Any) -> Server:
+    return await server_factory(amqp_url=",".join(cluster.urls), **extra)
+
+
+def node_in_use(server: Server, cluster: RabbitCluster) -> str:
+    address = server.service.bus.address
+    assert address is not None, "the server is not consuming"
+    return cluster.node_of_port(address.port)
+
+
+async def stream_through(fault: Any, server: Server, cluster: RabbitCluster, exchange: str,
+                         publisher_urls: list[str], recover: float) -> Receiver:
+    """Subscribe, stream, run ``fault()`` (async), wait until deliveries resume (within ``recover`` s), drain."""
+    ws = await server.connect()
+    reply = await ws.subscribe({"job_events": [7]})
+    assert reply["groups_current"] == [GROUP]
+    receiver = Receiver(ws)
+    publisher = StreamingPublisher(publisher_urls, exchange)
+    publisher.start()
+    try:
+        await receiver.after(0, 20, timeout=30)  # streaming end to end
+        struck = time.monotonic()
+        await fault()
+        await receiver.after(max(struck, time.monotonic()), 20, timeout=recover)
+    finally:
+        publisher.stop()
+    await receiver.until(set(publisher.confirmed), timeout=30)
+    receiver.stop()
+    await ws.close()
+    assert publisher.confirmed, publisher.errors
+    return receiver
+
+
+@aio_test(timeout=240)
+async def test_killed_broker_node_loses_no_message_and_the_gap_is_short(
+    rabbit_cluster: RabbitCluster, server_factory: Any, exchange: str
+) -> None:
+    server = await start_on_cluster(server_factory, rabbit_cluster)
+    assert server.service.settings.queue_type == "quorum"  # several URLs: the replicated queue
+    victim = node_in_use(server, rabbit_cluster)
+    others = [rabbit_cluster.url_of(n) for n in rabbit_cluster.nodes if n != victim]
+
+    async def crash() -> None:
+        await rabbit_cluster.run_async(rabbit_cluster.kill, victim)
+
+    receiver = await stream_through(crash, server, rabbit_cluster, exchange, others, recover=30)
+    assert node_in_use(server, rabbit_cluster) != victim
+    gap = receiver.longest_gap()
+    assert gap <= 5.0, f"longest gap {gap:.2f} s after a broker node crash"
+    status, _, body = await http_get(server.http + "/readyz")
+    assert status == 200 and json.loads(body)["broker"] == server.service.bus.address.node
+    report(f"kill -9: longest gap {gap:.2f} s, {receiver.duplicates()} duplicates, {len(receiver.arrivals)} deliveries")
+    await rabbit_cluster.run_async(rabbit_cluster.restart, victim)
+
+
+@aio_test(timeout=240)
+async def test_hung_broker_node_is_left_within_25_s_at_default_settings(
+    rabbit_cluster: RabbitCluster, server_factory: Any, exchange: str
+) -> None:
+    server = await start_on_cluster(server_factory, rabbit_cluster)
+    assert server.service.settings.amqp_heartbeat == 5  # the default
+    victim = node_in_use(server, rabbit_cluster)
+    others = [rabbit_cluster.url_of(n) for n in rabbit_cluster.nodes if n != victim]
+
+    async def hang() -> None:
+        await rabbit_cluster.run_async(rabbit_cluster.freeze, victim)
+
+    try:
+        receiver = await stream_through(hang, server, rabbit_cluster, exchange, others, recover=45)
+    finally:
+        await rabbit_cluster.run_async(rabbit_cluster.thaw, victim)
+        await rabbit_cluster.run_async(rabbit_cluster.heal, victim)
+    assert node_in_use(server, rabbit_cluster) != victim
+    gap = receiver.longest_gap()
+    assert gap <= 25.0, f"longest gap {gap:.2f} s after a broker node hung"
+    report(f"SIGSTOP: longest gap {gap:.2f} s, {receiver.duplicates()} duplicates, {len(receiver.arrivals)} deliveries")
+
+
+@aio_test(timeout=240)
+async def test_whole_cluster_restart_keeps_clients_and_resumes(
+    rabbit_cluster: RabbitCluster, server_factory: Any, exchange: str
+) -> None:
+    server = await start_on_cluster(server_factory, rabbit_cluster, reconnect_max_delay="5")
+    ws = await server.connect()
+    await ws.subscribe({"job_events": [7]})
+    await rabbit_cluster.run_async(rabbit_cluster.stop_all)
+    status, _, body = await http_get(server.http + "/readyz")
+    assert status == 503 and json.loads(body)["amqp"] == "connecting"
+    await rabbit_cluster.run_async(rabbit_cluster.start_all)
+    await asyncio.wait_for(server.service.bus.when_ready().asFuture(asyncio.get_running_loop()), 60)
+    status, _, _ = await http_get(server.http + "/readyz")
+    assert status == 200
+    # The same websocket, never closed: a message published now reaches it.
+    await asyncio.get_running_loop().run_in_executor(None, _publish_once, rabbit_cluster.urls[0], exchange)
+    assert await ws.recv_json(timeout=20) == {"seq": -1}
+    await ws.close()
+
+
+def _publish_once(url: str, exchange: str) -> None:
+    with pika.BlockingConnection(pika.URLParameters(url)) as conn:
+        channel = conn.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(exchange, GROUP, b'{"seq": -1}')
