@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from twisted.internet.task import Clock
 
 from conftest import Server, aio_test
@@ -31,6 +32,22 @@ def test_token_bucket_below_one_per_second() -> None:
     assert not bucket.take()
     clock.advance(0.2)
     assert bucket.take()
+
+
+def test_token_bucket_says_when_the_next_token_is_due() -> None:
+    clock = Clock()
+    bucket = TokenBucket(2.0, clock)
+    assert bucket.next_token_due() == 0.0
+    bucket.take(), bucket.take()
+    assert bucket.next_token_due() == 0.5
+    clock.advance(0.2)
+    assert bucket.next_token_due() == pytest.approx(0.3)
+    clock.advance(0.3)
+    assert bucket.next_token_due() == 0.0 and bucket.take()
+    slow = TokenBucket(0.25, clock)  # capacity 1: the next one in 4 s
+    assert slow.take() and slow.next_token_due() == 4.0
+    clock.advance(4)
+    assert slow.take()
 
 
 def test_connection_limits_total_and_per_user() -> None:
