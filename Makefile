@@ -29,7 +29,7 @@ run: $(STAMP)
 test: $(STAMP) test-deps
 	$(VENV)/bin/pytest --start-broker
 
-# Debian packages the tests drive: nginx in front of towerws, Chromium for the console
+# Debian packages the tests drive: nginx in front of towerws, Chromium for the browser tests
 # (never a downloaded browser build). Installed only when missing; where that is
 # impossible the tests that need them skip and say why.
 test-deps:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import AMQP_URL, ROOT, VENV_BIN, aio_test, connect, delete_queue, unique
+from nginxhelpers import nginx_binary, running_nginx, shipped_site
 from test_twistd import free_port
 from towerws.config import Settings
 
@@ -27,13 +28,6 @@ def default(name: str) -> float:
 # -- nginx -------------------------------------------------------------------------------
 
 
-def nginx_binary() -> str:
-    path = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-    if path is None:
-        pytest.skip("nginx is not installed and could not be installed here (make test runs apt-get install -y nginx)")
-    return path
-
-
 def test_nginx_read_timeout_is_above_the_ping_interval() -> None:
     text = (ETC / "nginx" / "towerws.conf").read_text()
     (seconds,) = re.findall(r"^\s*proxy_read_timeout (\d+)s;", text, re.M)
@@ -43,38 +37,12 @@ def test_nginx_read_timeout_is_above_the_ping_interval() -> None:
 
 @aio_test
 async def test_nginx_as_shipped_proxies_websockets_to_two_nodes(server_factory, publisher, tmp_path: Path) -> None:
-    nginx = nginx_binary()
+    nginx_binary()
     nodes = [await server_factory(), await server_factory()]
     port = free_port()
-    shipped = (ETC / "nginx" / "towerws.conf").read_text()
-    ports = iter(node.port for node in nodes)
-    site = re.sub(r"server 127\.0\.0\.1:\d+", lambda m: f"server 127.0.0.1:{next(ports)}", shipped)
-    site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
-    (tmp_path / "towerws.conf").write_text(site)
-    user = "user root;\n" if os.geteuid() == 0 else ""
-    (tmp_path / "nginx.conf").write_text(
-        f"{user}daemon off;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
-        f"http {{\n  access_log {tmp_path}/access.log;\n"
-        + "".join(f"  {kind}_temp_path {tmp_path}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi",
-                                                                          "uwsgi", "scgi"))
-        + f"  include {tmp_path}/towerws.conf;\n}}\n"
-    )
-    check = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-                           capture_output=True, text=True, timeout=30)
-    assert check.returncode == 0, check.stderr
-    proc = await asyncio.create_subprocess_exec(nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
-                                                stderr=asyncio.subprocess.PIPE)
-    try:
+    async with running_nginx(tmp_path, shipped_site([node.port for node in nodes], port), port):
         url = f"ws://127.0.0.1:{port}/websocket/"
-        # nginx says nothing when it is ready: try to connect, a bounded number of times.
-        for _ in range(100):
-            try:
-                first = await connect(url, "token-alice", additional_headers={"Cookie": "sessionid=abc"})
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
-        else:
-            pytest.fail("nginx did not accept connections")
+        first = await connect(url, "token-alice", additional_headers={"Cookie": "sessionid=abc"})
         second = await connect(url, "token-bob")
         for ws in (first, second):
             assert (await ws.subscribe({"jobs": ["status_changed"]}))["groups_current"] == ["jobs-status_changed"]
@@ -93,9 +61,6 @@ async def test_nginx_as_shipped_proxies_websockets_to_two_nodes(server_factory, 
         writer.close()
         await first.close()
         await second.close()
-    finally:
-        proc.terminate()
-        await asyncio.wait_for(proc.wait(), 20)
 
 
 # -- supervisord ---------------------------------------------------------------------------

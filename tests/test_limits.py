@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from twisted.internet.task import Clock
 
 from conftest import Server, aio_test
@@ -31,6 +32,22 @@ def test_token_bucket_below_one_per_second() -> None:
     assert not bucket.take()
     clock.advance(0.2)
     assert bucket.take()
+
+
+def test_token_bucket_says_when_the_next_token_is_due() -> None:
+    clock = Clock()
+    bucket = TokenBucket(2.0, clock)
+    assert bucket.next_token_due() == 0.0
+    bucket.take(), bucket.take()
+    assert bucket.next_token_due() == 0.5
+    clock.advance(0.2)
+    assert bucket.next_token_due() == pytest.approx(0.3)
+    clock.advance(0.3)
+    assert bucket.next_token_due() == 0.0 and bucket.take()
+    slow = TokenBucket(0.25, clock)  # capacity 1: the next one in 4 s
+    assert slow.take() and slow.next_token_due() == 4.0
+    clock.advance(4)
+    assert slow.take()
 
 
 def test_connection_limits_total_and_per_user() -> None:
@@ -67,19 +84,23 @@ async def test_too_many_groups_changes_nothing(server_factory, publisher) -> Non
 
 
 @aio_test
-async def test_groups_messages_are_rate_limited(server_factory, publisher) -> None:
-    server = await server_factory(max_groups_messages_per_second=0.2)  # one now, the next in 5 s
+async def test_groups_messages_over_the_rate_wait_and_the_last_one_wins(server_factory, publisher) -> None:
+    server = await server_factory(max_groups_messages_per_second=0.5)  # one now, the next in 2 s
     ws = await server.connect()
-    for i in range(1, 5):  # sent back to back, without waiting for replies
+    loop = asyncio.get_running_loop()
+    before = loop.time()  # the only token is spent after this, so the next is due 2 s after it at the earliest
+    await ws.subscribe({"job_events": [1]})
+    for i in range(2, 5):  # sent back to back, without waiting for replies
         await ws.send_json({"groups": {"job_events": [i]}})
-    answers = [await ws.recv_json() for _ in range(4)]
-    replies = [a for a in answers if "groups_current" in a]
-    assert replies == [{"groups_current": ["job_events-1"], "groups_left": [], "groups_joined": ["job_events-1"]}]
-    assert [a for a in answers if "error" in a] == [{"error": "rate limited"}] * 3
-    # Nothing the limited messages asked for changed anything.
-    await publisher.publish("job_events-4", {"n": 4})
-    await publisher.publish("job_events-1", {"n": 1})
-    assert await ws.recv_json() == {"n": 1}
+    # 2 waits for the token; 3 supersedes it, 4 supersedes 3: one answer per message.
+    assert [await ws.recv_json() for _ in range(2)] == [{"error": "superseded"}] * 2
+    assert await ws.recv_json(timeout=5) == {
+        "groups_current": ["job_events-4"], "groups_left": ["job_events-1"], "groups_joined": ["job_events-4"]}
+    assert loop.time() - before > 1.9  # the rate still holds
+    for i in (1, 2, 3, 4):
+        await publisher.publish(f"job_events-{i}", {"n": i})
+    assert await ws.recv_json() == {"n": 4}
+    await ws.no_message()
     await ws.close()
 
 

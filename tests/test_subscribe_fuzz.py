@@ -74,7 +74,7 @@ examples = (
 
 # -- driving the server ----------------------------------------------------------------------------------------
 
-WHOLE_MESSAGE_ERRORS = {"access denied to channel", "too many groups", "rate limited"}
+WHOLE_MESSAGE_ERRORS = {"access denied to channel", "too many groups", "superseded"}
 
 
 def ends_the_answer(msg: Any) -> bool:

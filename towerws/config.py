@@ -234,7 +234,7 @@ class Settings:
     )
     max_groups_per_connection: int = option(1000, _positive_int, "most groups one connection may hold")
     max_groups_messages_per_second: float = option(
-        5.0, _positive_float, "client messages per second per connection (bursts up to the same number)"
+        5.0, _positive_float, "groups messages handled per second per connection (bursts up to the same number; more wait)"
     )
     max_connections_per_user: int = option(100, _positive_int, "open websockets per user (more: close 1013)")
     max_connections: int = option(10000, _positive_int, "open websockets in total (more: close 1013)")

@@ -1,6 +1,7 @@
 """Limits that keep one client from hurting the others.
 
-* :class:`TokenBucket` -- groups messages per second of one connection.
+* :class:`TokenBucket` -- groups messages per second of one connection; it also
+  says when the next token is due, so a message over the rate can wait for it.
 * :class:`ConnectionLimits` -- open websockets in total and per user.
 
 Both are plain bookkeeping on an injectable clock, so unit tests drive them with
@@ -37,6 +38,16 @@ class TokenBucket:
             return False
         self._tokens -= 1
         return True
+
+    def next_token_due(self) -> float:
+        """Seconds from now until :meth:`take` can succeed; ``0.0`` if it can now.
+
+        A timer set for this delay may still find the bucket a hair short (the
+        clock's float arithmetic); asking again then gives a tiny positive delay.
+        """
+        now = self._clock.seconds()
+        tokens = min(self._capacity, self._tokens + (now - self._stamp) * self._rate)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self._rate
 
 
 class ConnectionLimits:

@@ -44,7 +44,7 @@ HANDSHAKE_OUTCOMES = (
     "shutting_down",
 )
 #: groups-message outcomes (``towerws_subscribe_requests_total{outcome}``)
-SUBSCRIBE_OUTCOMES = ("ok", "partly_denied", "denied", "invalid", "broker_unavailable")
+SUBSCRIBE_OUTCOMES = ("ok", "partly_denied", "denied", "invalid", "broker_unavailable", "superseded")
 #: Tower API outcomes (``towerws_auth_requests_total{outcome}``), for the Tower API client
 AUTH_OUTCOMES = ("ok", "unauthenticated", "error", "timeout")
 

@@ -6,7 +6,10 @@ message says ``{"accept": true, "user": ID}`` or refuses with close 4401 (not
 authenticated) or 1013 (try later: auth service down, too many connections);
 each text message ``{"groups": {...}}`` is parsed, authorized, then replaces the
 connection's subscriptions and is answered, once the new groups can receive,
-with ``groups_current/joined/left``.
+with ``groups_current/joined/left``.  One message is handled at a time; over
+the per-connection rate a message waits for the next token, and a newer
+message supersedes one still waiting (answered ``{"error": "superseded"}``),
+so the last message always takes effect.
 
 Deliveries arrive from the hub already framed (:func:`text_frame`), wait in
 the connection's outbox until the end of the reactor turn and are then written
@@ -73,6 +76,11 @@ def text_frame(payload: bytes) -> bytes:
 
 def _json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(", ", ": ")).encode("utf-8")
+
+
+#: the answer to a groups message replaced by a newer one before it was handled
+SUPERSEDED = {"error": "superseded"}
+SUPERSEDED_FRAME = text_frame(_json(SUPERSEDED))
 
 
 # Module-level: ``self.log`` on the protocol is Autobahn's (txaio) logger, which
@@ -155,7 +163,6 @@ class TowerProtocol(RawSend, WebSocketServerProtocol):
         assert self.user is not None
         self._admitted = True
         self.factory.connections.add(self)
-        self._pending: Deferred[None] = succeed(None)
         self._bucket = TokenBucket(self.factory.settings.max_groups_messages_per_second, self.factory.clock)
         # No log line here: the one at close tells the whole session (a line costs
         # as much as a third of a handshake at thousands of connections per second).
@@ -280,20 +287,58 @@ class TowerProtocol(RawSend, WebSocketServerProtocol):
 
     # -- client messages -------------------------------------------------------
 
+    # Every groups message replaces the connection's whole subscription, so of
+    # the messages a client sent, only the newest not yet handled matters.  At
+    # most one message is in progress (its Tower API checks and bindings) and
+    # at most one waits behind it; a newer one supersedes the waiting one.  The
+    # rate limit delays the waiting message until the bucket has a token (a
+    # timer on the factory's clock) instead of dropping it, so the connection
+    # always ends up as its last message says, however fast the UI re-sends.
+
+    #: a message is being handled (parsed, authorized, bound, answered)
+    _busy = False
+    #: the next message to handle, once nothing is in progress and the rate allows
+    _waiting: bytes | None = None
+    #: fires when the bucket has a token for the waiting message
+    _rate_timer: IDelayedCall | None = None
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if isBinary:
             send_close(self, CLOSE_UNSUPPORTED_DATA, "binary messages are not supported")
             return
         if not self._admitted:
             return  # a refused connection is closing; nothing it says counts
-        if not self._bucket.take():
-            # Answered at once and never queued, so a flood cannot pile up behind a slow message.
-            self.send_json({"error": "rate limited"})
+        if self._waiting is not None:
+            # One answer per message, so a client that counts replies is not left
+            # waiting; a pre-framed constant through the outbox, so a flood that
+            # is never read is bounded (and closed) like any slow reader.
+            self.factory.metrics.subscribes.labels("superseded").inc()
+            self.deliver(SUPERSEDED_FRAME)
+        self._waiting = payload
+        self._next()
+
+    def _next(self) -> None:
+        """Handle the waiting message if nothing is in progress and the rate allows; else wait."""
+        if self._busy or self._waiting is None or self._rate_timer is not None or self.state != _OPEN:
             return
+        if not self._bucket.take():
+            self._rate_timer = self.factory.clock.callLater(self._bucket.next_token_due(), self._rate_allows)
+            return
+        payload, self._waiting = self._waiting, None
         # Messages are handled strictly in order: a reply (and its bindings)
         # completes before the next groups message is looked at.
-        self._pending.addCallback(lambda _: ensureDeferred(self._handle(payload)))
-        self._pending.addErrback(self._handler_failed)
+        self._busy = True
+        d = ensureDeferred(self._handle(payload))
+        d.addErrback(self._handler_failed)
+        d.addBoth(self._handled)
+
+    def _rate_allows(self) -> None:
+        self._rate_timer = None
+        self._next()
+
+    def _handled(self, _: None) -> None:
+        self._busy = False
+        self._next()
 
     def _handler_failed(self, failure: Failure) -> None:
         log.failure("groups message of websocket {conn} failed", failure, conn=self.conn_id)
@@ -341,6 +386,10 @@ class TowerProtocol(RawSend, WebSocketServerProtocol):
             return
         self._closed = True
         self._outbox = None
+        self._waiting = None
+        if self._rate_timer is not None:
+            self._rate_timer.cancel()
+            self._rate_timer = None
         groups = 0
         if self._admitted:
             assert self.user is not None
