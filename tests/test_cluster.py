@@ -139,6 +139,8 @@ class Receiver:
 
     def stop(self) -> None:
         self._task.cancel()
+        if self._task.done() and not self._task.cancelled():
+            self._task.exception()  # retrieved: its reason is already part of a failed wait
 
 
 async def start_on_cluster(server_factory: Any, cluster: RabbitCluster, **extra: Any) -> Server:
@@ -161,15 +163,17 @@ async def stream_through(fault: Any, server: Server, cluster: RabbitCluster, exc
     publisher = StreamingPublisher(publisher_urls, exchange)
     publisher.start()
     try:
-        await receiver.after(0, 20, timeout=30)  # streaming end to end
-        struck = time.monotonic()
-        await fault()
-        await receiver.after(max(struck, time.monotonic()), 20, timeout=recover)
+        try:
+            await receiver.after(0, 20, timeout=30)  # streaming end to end
+            struck = time.monotonic()
+            await fault()
+            await receiver.after(max(struck, time.monotonic()), 20, timeout=recover)
+        finally:
+            publisher.stop()
+        await receiver.until(set(publisher.confirmed), timeout=30)
     finally:
-        publisher.stop()
-    await receiver.until(set(publisher.confirmed), timeout=30)
-    receiver.stop()
-    await ws.close()
+        receiver.stop()
+        await ws.close()
     assert publisher.confirmed, publisher.errors
     return receiver
 
@@ -239,8 +243,52 @@ async def test_whole_cluster_restart_keeps_clients_and_resumes(
     await ws.close()
 
 
-def _publish_once(url: str, exchange: str) -> None:
+def _publish_once(url: str, exchange: str, group: str = GROUP) -> None:
     with pika.BlockingConnection(pika.URLParameters(url)) as conn:
         channel = conn.channel()
         channel.confirm_delivery()
-        channel.basic_publish(exchange, GROUP, b'{"seq": -1}')
+        channel.basic_publish(exchange, group, b'{"seq": -1}')
+
+
+@aio_test(timeout=240)
+async def test_a_hung_peer_delays_new_bindings_only(
+    rabbit_cluster: RabbitCluster, server_factory: Any, exchange: str
+) -> None:
+    """A node towerws is not connected to hangs: bound groups keep delivering; a new group's reply waits
+    ``bind_timeout`` at most, says so, and the binding completes once the cluster gave up the hung node."""
+    server = await start_on_cluster(server_factory, rabbit_cluster, bind_timeout="3")
+    queue = server.service.bus.queue
+    own = node_in_use(server, rabbit_cluster)
+    leader = await rabbit_cluster.run_async(rabbit_cluster.queue_leader, queue, own)
+    # Hang a node that is neither towerws's nor the queue's leader: the queue keeps its majority and leader.
+    (victim,) = [n for n in rabbit_cluster.nodes if n not in (own, leader)]
+    survivors = [rabbit_cluster.url_of(n) for n in rabbit_cluster.nodes if n != victim]
+
+    async def hang_and_subscribe_anew() -> None:
+        await rabbit_cluster.run_async(rabbit_cluster.freeze, victim)
+        newcomer = await server.connect("token-bob")
+        started = time.monotonic()
+        reply = await newcomer.subscribe({"job_events": [8]})
+        waited = time.monotonic() - started
+        # queue.bind blocks cluster-wide while a node hangs: the reply does not wait for it forever.
+        assert reply["groups_current"] == ["job_events-8"] and waited < 3 + 2, (reply, waited)
+        assert reply["errors"] == [{"error": "broker unavailable"}]
+        # Once the cluster declared the hung node down, the binding goes through by itself.
+        deadline = time.monotonic() + 40
+        while "job_events-8" not in server.service.bus.bindings.bound:
+            assert time.monotonic() < deadline, "the binding never went through"
+            await asyncio.sleep(0.1)
+        await asyncio.get_running_loop().run_in_executor(None, _publish_once, survivors[0], exchange, "job_events-8")
+        assert await newcomer.recv_json(timeout=20) == {"seq": -1}
+        await newcomer.close()
+
+    try:
+        receiver = await stream_through(hang_and_subscribe_anew, server, rabbit_cluster, exchange, survivors,
+                                        recover=30)
+    finally:
+        await rabbit_cluster.run_async(rabbit_cluster.thaw, victim)
+        await rabbit_cluster.run_async(rabbit_cluster.heal, victim)
+    assert node_in_use(server, rabbit_cluster) == own  # never left its own node
+    gap = receiver.longest_gap()
+    report(f"hung peer: longest gap of a bound group {gap:.2f} s")
+    assert gap <= 5.0, f"a bound group's deliveries stalled {gap:.2f} s while another node hung"
