@@ -88,6 +88,44 @@ def test_bad_options_fail_with_one_line(args: list[str], env: dict, expected: st
 
 
 @pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("tls-file-without-broker", "--amqp-ca-file: given, but --amqp-url is none"),
+        ("cert-file-without-broker-from-file", "--amqp-cert-file: given, but --amqp-url is none"),
+        ("ssl-listen-with-a-bad-key", "--listen (command line): invalid endpoint description"),
+        ("tokens-file-is-a-directory", "--tokens-file (environment TOWERWS_TOKENS_FILE): cannot read"),
+        ("config-is-a-directory", "config file"),
+        ("newline-in-a-value", "--listen (environment TOWERWS_LISTEN): "),
+    ],
+)
+def test_bad_combinations_fail_with_one_line(tmp_path: Path, case: str, expected: str) -> None:
+    """Combinations of command line, environment and config file that once ended in a traceback."""
+    from tlsfiles import CA
+
+    issued = CA("twistd-test").issue("localhost", client=True)
+    cert, key = issued.write(tmp_path, "client")
+    both = tmp_path / "both.pem"
+    both.write_bytes(issued.cert_pem + issued.key_pem)
+    empty = tmp_path / "empty.pem"
+    empty.write_bytes(b"")
+    conf = tmp_path / "towerws.conf"
+    conf.write_text(f"[towerws]\namqp_cert_file = {both}\n")
+    args, env = {
+        "tls-file-without-broker": (["--amqp-url", "none", "--amqp-ca-file", cert], {}),
+        "cert-file-without-broker-from-file": (["--config", str(conf)], {"TOWERWS_AMQP_URL": "none"}),
+        "ssl-listen-with-a-bad-key": (["--listen", f"ssl:0:privateKey={empty}"], {}),
+        "tokens-file-is-a-directory": ([], {"TOWERWS_TOKENS_FILE": str(tmp_path)}),
+        "config-is-a-directory": ([], {"TOWERWS_CONFIG": str(tmp_path)}),
+        "newline-in-a-value": ([], {"TOWERWS_LISTEN": "tcp:0\nbogus:1"}),
+    }[case]
+    result = run_twistd(*args, env=env)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
     "content,expected",
     [
         ("{not json", "not valid JSON"),

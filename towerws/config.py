@@ -32,8 +32,23 @@ MIN_SECRET_LENGTH = 16
 SECTION = "towerws"
 
 
+#: longest ConfigError message: an echoed value can be any size, the operator reads one line
+MAX_MESSAGE = 500
+
+
 class ConfigError(ValueError):
-    """An option or file is invalid; the message is one line for the operator."""
+    """An option or file is invalid; the message is one line for the operator.
+
+    Messages echo what the operator gave (a path, an endpoint description), which
+    can hold newlines, NUL bytes or megabytes: control characters are escaped and
+    the line is cut, so twistd prints exactly one readable line.
+    """
+
+    def __init__(self, message: str):
+        line = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+        if len(line) > MAX_MESSAGE:
+            line = line[:MAX_MESSAGE] + f"... ({len(line) - MAX_MESSAGE} more characters)"
+        super().__init__(line)
 
 
 # -- value parsers: str -> value, raising ValueError with a short reason --------
@@ -65,7 +80,15 @@ def _strports(text: str) -> str:
 
     # Parsing builds the endpoint object without listening: syntax errors and
     # unknown endpoint types surface here, not later at start-up.
-    endpoints.serverFromString(reactor, text)
+    try:
+        endpoints.serverFromString(reactor, text)
+    except (ValueError, OSError):
+        raise
+    except Exception as exc:
+        # Each endpoint type parses its own arguments with errors of its own
+        # (ssl: loads its certificate and key now; a bad one raises pyOpenSSL's
+        # Error): any of them means the description is unusable.
+        raise ValueError(f"invalid endpoint description ({type(exc).__name__}: {exc})") from None
     return text
 
 
@@ -296,6 +319,8 @@ def read_config_file(path: str) -> dict[str, str]:
             parser.read_file(fp)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    except ValueError as exc:  # open() refuses a path with a NUL byte in it
+        raise ConfigError(f"config file {path}: cannot read: {exc}") from None
     except configparser.Error as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError(f"config file {path}: invalid INI: {first}") from None
@@ -358,6 +383,8 @@ def load(
 def _check_amqp_tls(s: Settings) -> None:
     """The TLS files only make sense together with amqps://, and a key needs its certificate."""
     given = [k for k in ("amqp_ca_file", "amqp_cert_file", "amqp_key_file") if getattr(s, k) is not None]
+    if given and s.amqp_url is None:
+        raise ConfigError(f"--{cli_name(given[0])}: given, but --amqp-url is none (no broker to use TLS with)")
     if given and not s.amqp_url.tls:
         raise ConfigError(f"--{cli_name(given[0])}: given, but --amqp-url is not amqps:// (no plaintext with TLS files)")
     if s.amqp_key_file is not None and s.amqp_cert_file is None:
