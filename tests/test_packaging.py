@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import venv
@@ -23,8 +24,16 @@ def test_twistd_lists_plugin_in_fresh_venv(tmp_path: Path, editable: bool) -> No
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
     target = ["-e", str(src)] if editable else [str(src)]
-    subprocess.run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *target],
-                   check=True, timeout=600, capture_output=True)
+    # Verbose: pip shows the build's own output (setuptools' warnings) only then.
+    install = subprocess.run([python, "-m", "pip", "install", "-v", "--disable-pip-version-check", *target],
+                             timeout=600, capture_output=True, text=True,
+                             env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"})
+    assert install.returncode == 0, install.stderr[-3000:]
+    warnings = [line for line in (install.stdout + install.stderr).splitlines()
+                if re.search(r"warn|deprecat", line, re.IGNORECASE)
+                # pip about this machine's index configuration, not about the package
+                and not re.search(r"Location '[^']*' is ignored", line)]
+    assert warnings == [], "\n".join(warnings)
     # Run from elsewhere, so only the installed package can provide the plugin.
     result = subprocess.run([env_dir / "bin" / "twistd", "--help"], capture_output=True, text=True,
                             timeout=60, cwd=tmp_path)
