@@ -169,3 +169,14 @@ def test_help_lists_every_option() -> None:
 
     for fld in OPTIONS:
         assert f"--{cli_name(fld.name)}" in result.stdout
+
+
+def test_version_names_towerws_and_its_pinned_libraries() -> None:
+    from importlib import metadata
+
+    from towerws import __version__
+
+    result = subprocess.run([TWISTD, "towerws", "--version"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert (result.returncode, result.stderr) == (0, "")
+    expected = ", ".join(f"{name} {metadata.version(name)}" for name in ("Twisted", "Autobahn", "txAMQP"))
+    assert result.stdout == f"towerws {__version__} ({expected})\n"

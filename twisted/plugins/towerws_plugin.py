@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from importlib import metadata
 
 from twisted.application.service import IServiceMaker
 from twisted.plugin import IPlugin
@@ -28,6 +29,15 @@ class Options(usage.Options):
     ]
     # Switches take no value on the command line (``--console``); elsewhere they are true/false.
     optFlags = [[config.cli_name(f.name), None, f.metadata["help"]] for f in config.OPTIONS if f.metadata.get("flag")]
+
+    def opt_version(self) -> None:
+        """Print the versions of towerws and of the libraries it is pinned to, and exit."""
+        from towerws import __version__
+
+        # Distribution metadata, not imports: txAMQP is otherwise loaded only with a broker.
+        libraries = ", ".join(f"{name} {metadata.version(name)}" for name in ("Twisted", "Autobahn", "txAMQP"))
+        sys.stdout.write(f"towerws {__version__} ({libraries})\n")
+        raise SystemExit(0)
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         # twistd answers a usage error with the whole usage text; an operator
