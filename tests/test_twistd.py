@@ -162,13 +162,40 @@ def test_invalid_config_file_fails_with_one_line(tmp_path: Path, content: str, e
     assert len(lines) == 1 and expected in lines[0], result.stderr
 
 
-def test_help_lists_every_option() -> None:
-    result = subprocess.run([TWISTD, "towerws", "--help"], capture_output=True, text=True, timeout=30, cwd=ROOT)
-    assert result.returncode == 0
-    from towerws.config import OPTIONS, cli_name
+def help_entries(width: int) -> dict[str, str]:
+    """``twistd towerws --help`` at ``width`` columns: option -> its help, the wrapped lines joined again."""
+    result = subprocess.run([TWISTD, "towerws", "--help"], capture_output=True, text=True, timeout=30, cwd=ROOT,
+                            env={**os.environ, "COLUMNS": str(width)})
+    assert result.returncode == 0, result.stderr
+    entries: dict[str, str] = {}
+    option = None
+    for line in result.stdout.split("\n\n")[0].splitlines()[2:]:  # after the usage line and "Options:"
+        name, _, text = line.strip().partition("  ")
+        if len(line) - len(line.lstrip()) <= 6:  # an option's first line; the rest are indented to the help column
+            option = name.split("--")[1].rstrip("=")
+            entries[option] = text.strip()
+        elif option is not None:
+            # textwrap breaks at spaces and after hyphens: rejoin accordingly
+            joiner = "" if entries[option].endswith("-") else " "
+            entries[option] += joiner + line.strip()
+    return entries
 
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_help_shows_each_option_and_its_default_once_and_whole(width: int) -> None:
+    from towerws.config import OPTIONS, cli_name, shown_default
+
+    entries = help_entries(width)
     for fld in OPTIONS:
-        assert f"--{cli_name(fld.name)}" in result.stdout
+        text = entries[cli_name(fld.name)]
+        assert "(default:" not in text, text
+        if fld.metadata.get("flag"):
+            assert text == fld.metadata["help"]
+            continue
+        # Every word whole: the help as written, then the default (or its description) once.
+        default = fld.metadata.get("brief") or shown_default(fld)
+        assert text == f"{fld.metadata['help']} [default: {default}]", text
+        assert text.count("[default:") == 1
 
 
 def test_version_names_towerws_and_its_pinned_libraries() -> None:

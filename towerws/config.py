@@ -173,9 +173,15 @@ def default_node_id() -> str:
     return f"{socket.gethostname()}-{secrets.token_hex(3)}"
 
 
-def option(default: Any, parse: Callable[[str], Any], help: str, shown: str | None = None) -> Any:
-    """A settings field: its default, how to parse a string, one line of help."""
-    return field(default=default, metadata={"parse": parse, "help": help, "shown": shown})
+def option(default: Any, parse: Callable[[str], Any], help: str, shown: str | None = None,
+           brief: str | None = None) -> Any:
+    """A settings field: its default, how to parse a string, one line of help.
+
+    ``shown``: the default as written in the docs' table and ``etc/towerws.conf``
+    (when ``str(default)`` is not how an operator writes it); ``brief``: a short
+    description of a default too long for a ``--help`` column.
+    """
+    return field(default=default, metadata={"parse": parse, "help": help, "shown": shown, "brief": brief})
 
 
 def flag(help: str) -> Any:
@@ -214,6 +220,7 @@ class Settings:
         Allowlist.parse,
         "subscribable groups: KEY:ITEM,... entries; <id> = any positive id, <user> = own user id",
         shown=DEFAULT_GROUPS,
+        brief="AWX's groups: jobs, schedules, inventories, control and six *_events keys",
     )
     max_message_size: int = option(65536, _positive_int, "largest client message in bytes (larger: close 1009)")
     ping_interval: float = option(30.0, _non_negative_float, "seconds between server pings to each client (0: off)")
@@ -233,13 +240,15 @@ class Settings:
     )
     tower_timeout: float = option(5.0, _positive_float, "seconds one Tower API request may take (then: unavailable)")
     tower_ca_file: str | None = option(
-        None, _pem_certificates, "PEM file of CA certificates trusted for --tower-url (default: the system's)"
+        None, _pem_certificates, "PEM file of CA certificates trusted for --tower-url",
+        shown="the system's trust store",
     )
     object_paths: ObjectPaths = option(
         ObjectPaths.parse(DEFAULT_OBJECT_PATHS),
         ObjectPaths.parse,
         "API path checked for each id-keyed group: KEY:/api/v2/.../{id}/ entries",
         shown=DEFAULT_OBJECT_PATHS,
+        brief="AWX's API path of each of the six *_events keys",
     )
     auth_cache_ttl: float = option(30.0, _non_negative_float, "seconds a Tower API yes (a user, an allowed object) is reused")
     auth_negative_cache_ttl: float = option(5.0, _non_negative_float, "seconds a Tower API no (401, 403, 404) is reused")
@@ -256,7 +265,7 @@ class Settings:
 
     # -- broker: TLS and faults --
     amqp_ca_file: str | None = option(
-        None, _pem_certificates, "PEM CA certificate(s) trusted for amqps:// (default: the system's trust store)"
+        None, _pem_certificates, "PEM CA certificate(s) trusted for amqps://", shown="the system's trust store"
     )
     amqp_cert_file: str | None = option(
         None, _pem_certificates, "PEM client certificate for amqps:// (may hold its key too)"

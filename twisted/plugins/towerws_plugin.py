@@ -22,8 +22,12 @@ class Options(usage.Options):
         "in the config file (section [towerws], key = option with - as _) or as TOWERWS_<KEY>; "
         "precedence: command line > environment > config file > default."
     )
+    # The default goes into the help text (usage would print the parsed object's
+    # repr); a default too long for the help column is described instead, since
+    # usage wraps inside a word that does not fit (the full value: etc/towerws.conf).
     optParameters = [["config", "c", None, "INI config file (also TOWERWS_CONFIG)"]] + [
-        [config.cli_name(f.name), None, None, f"{f.metadata['help']} [default: {config.shown_default(f)}]"]
+        [config.cli_name(f.name), None, None,
+         f"{f.metadata['help']} [default: {f.metadata.get('brief') or config.shown_default(f)}]"]
         for f in config.OPTIONS
         if not f.metadata.get("flag")
     ]
