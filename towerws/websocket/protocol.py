@@ -50,6 +50,8 @@ from towerws.twisted_internals import hold_writes, socket_of
 from towerws.websocket.autobahn_internals import RawSend, close_codes, closed_first, send_close, with_class_options
 
 PATHS = ("/websocket", "/websocket/")
+#: the Server header of every HTTP answer: no library names or versions for a scanner to match
+SERVER = "towerws"
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
@@ -401,7 +403,7 @@ class TowerFactory(WebSocketServerFactory):
         clock: IReactorTime | None = None,
         metrics: Metrics | None = None,
     ):
-        super().__init__()
+        super().__init__(server=SERVER)  # Autobahn's default names itself and its version
         if clock is None:
             from twisted.internet import reactor as clock
         self.settings = settings
@@ -430,6 +432,9 @@ class TowerFactory(WebSocketServerFactory):
             openHandshakeTimeout=settings.open_handshake_timeout,
             # Origins are checked in onConnect (403); let "null" reach that check too.
             allowNullOrigin=True,
+            # Only upgrades reach Autobahn (see web.Listener); should anything else,
+            # it gets 426 rather than Autobahn's status page, which names its version.
+            webStatus=False,
         )
         self.protocol = with_class_options(self.protocol, self)
 
