@@ -54,6 +54,12 @@ async def test_websocket_answers(server: Any) -> None:
         code, headers, head = await response_head(server.port, UPGRADE.format(path=path, port=server.port, extra=extra))
         assert code == status, head
         assert_anonymous(headers, head)
+    # A malformed upgrade: 400 with the reason, no websocket (docs/protocol.md#handshake).
+    code, headers, head = await response_head(server.port, "GET /websocket/ HTTP/1.1\r\nHost: h\r\n"
+                                              "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                                              "Sec-WebSocket-Version: 13\r\n\r\n")
+    assert head.startswith("HTTP/1.1 400 HTTP Sec-WebSocket-Key header missing"), head
+    assert_anonymous(headers, head)
 
 
 @aio_test
@@ -73,3 +79,12 @@ async def test_ops_site_answers(server_factory: Any) -> None:
     for path, status in [("/healthz", 200), ("/metrics", 200), ("/nowhere", 404)]:
         code, headers, _ = await http_get(ops + path)
         assert (code, headers.get("server")) == (status, "towerws"), path
+
+
+@aio_test
+async def test_plain_request_to_the_websocket_path_is_426_upgrade_required(server: Any) -> None:
+    for request in ("GET /websocket/ HTTP/1.1\r\nHost: h\r\n\r\n",
+                    "POST /websocket/ HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nContent-Length: 0\r\n\r\n"):
+        code, headers, head = await response_head(server.port, request)
+        assert head.startswith("HTTP/1.1 426 Upgrade Required\r\n"), head
+        assert headers["upgrade"] == "websocket"

@@ -118,7 +118,7 @@ class UpgradeRequired(Resource):
         return self if path == b"" else notFound()
 
     def render(self, request: Request) -> bytes:
-        request.setResponseCode(426)
+        request.setResponseCode(426, b"Upgrade Required")  # Twisted Web knows no phrase for 426
         request.setHeader("upgrade", "websocket")
         request.setHeader("content-type", "text/plain; charset=utf-8")
         return b"towerws: this endpoint speaks websocket only (GET with Upgrade: websocket)\n"
