@@ -2,31 +2,62 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
 CONFIG ?= etc/towerws.conf
 
+# Two stamps: `make run` installs what running needs (the package, the emit extra for
+# towerws-publish and the client extra for `python -m websockets`, both in its banner);
+# `make test` adds the test extras on top.
+RUN_STAMP   := $(VENV)/.installed-run
+TEST_STAMP  := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run test test-deps bench bench-quick clean
+# Broker-less (amqp_url none) when the environment says so, else when $(CONFIG) does:
+# the banner then shows the console and the HTTP publish API, since towerws-publish
+# goes to RabbitMQ and never reaches a broker-less node.
+ifdef TOWERWS_AMQP_URL
+AMQP_URL_SETTING := $(TOWERWS_AMQP_URL)
+else
+AMQP_URL_SETTING := $(shell sed -n 's/^[[:space:]]*amqp_url[[:space:]]*=//p' $(CONFIG) 2>/dev/null | tail -n 1)
+endif
+BROKERLESS := $(filter none None NONE,$(strip $(AMQP_URL_SETTING)))
+PUBLISH_SECRET := $(or $(TOWERWS_PUBLISH_SECRET_FILE),etc/publish.dev.secret)
+comma := ,
 
-$(STAMP): setup.cfg pyproject.toml
+.PHONY: run banner test test-deps bench bench-quick clean
+
+$(RUN_STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,emit]'
-	touch $(STAMP)
+	$(PY) -m pip install --quiet -e '.[emit,client]'
+	touch $(RUN_STAMP)
 
-run: $(STAMP)
-	@echo "towerws development server on ws://localhost:8051/websocket/ (config $(CONFIG))"
+$(TEST_STAMP): $(RUN_STAMP)
+	$(PY) -m pip install --quiet -e '.[emit,client,test]'
+	touch $(TEST_STAMP)
+
+run: $(RUN_STAMP) banner
+	exec $(VENV)/bin/twistd --nodaemon --pidfile= towerws --config $(CONFIG)
+
+# What `make run` prints first: how to connect and how to publish.
+banner:
+	@echo "towerws development server on ws://localhost:8051/websocket/ (config $(CONFIG))$(if $(BROKERLESS),$(comma) broker-less: no RabbitMQ)"
 	@echo "  WARNING: static tokens from etc/tokens.dev.json are for development only."
 	@echo "  connect: $(VENV)/bin/python -m websockets 'ws://localhost:8051/websocket/?token=dev-token'"
 	@echo "           then type: {\"groups\": {\"jobs\": [\"status_changed\"]}}"
+ifeq ($(BROKERLESS),)
 	@echo "  publish: $(VENV)/bin/towerws-publish jobs-status_changed '{\"status\": \"running\"}'"
+else
+	@echo "  console: http://localhost:8051/console (needs console = true, e.g. TOWERWS_CONSOLE=true)"
+	@echo "  publish: curl -H \"Authorization: Bearer \$$(cat $(PUBLISH_SECRET))\" \\"
+	@echo "                -d '{\"group\": \"jobs-status_changed\", \"payload\": {\"status\": \"running\"}}' http://localhost:8051/api/publish"
+	@echo "           (needs publish_secret_file, e.g. TOWERWS_PUBLISH_SECRET_FILE=$(PUBLISH_SECRET);"
+	@echo "           towerws-publish goes to RabbitMQ and never reaches a broker-less node)"
+endif
 	@echo "  watch:   curl localhost:8051/metrics   (and /healthz, /readyz)"
-	exec $(VENV)/bin/twistd --nodaemon --pidfile= towerws --config $(CONFIG)
 
 # The whole suite, against the real RabbitMQ: --start-broker starts the local one if
 # nothing listens on 5672 (plain pytest without a broker runs the unit tests only).
-test: $(STAMP) test-deps
+test: $(TEST_STAMP) test-deps
 	$(VENV)/bin/pytest --start-broker
 
 # Debian packages the tests drive: nginx in front of towerws, Chromium for the browser tests

@@ -16,8 +16,8 @@ import pytest
 import pytest_twisted
 import treq
 
-from conftest import (ROOT, TIMEOUT, VENV_BIN, Server, aio, aio_test, connect, free_port, start_server, stop_server,
-                      unique, wait)
+from conftest import (ROOT, TIMEOUT, VENV_BIN, Server, aio, aio_test, connect, free_port, http_get, raw_websocket,
+                      start_server, stop_server, unique, wait)
 from towerws.bus import LocalBus
 
 SECRET = "laptop-secret-0123456789abcdef"
@@ -130,3 +130,23 @@ def test_amqp_url_none_selects_the_local_bus(text: str) -> None:
 
     assert load({"amqp_url": text}, environ={}).amqp_url is None
     assert load({}, environ={"TOWERWS_AMQP_URL": text}).amqp_url is None
+
+
+@aio_test
+async def test_readyz_is_200_while_serving_and_503_while_shutting_down(tokens_file: str) -> None:
+    """A broker-less node is ready as soon as it serves: nothing to wait for but itself."""
+    server = await start_server({"listen": "tcp:0:interface=127.0.0.1", "amqp_url": "none",
+                                 "tokens_file": tokens_file, "ping_interval": "0", "drain_timeout": "5",
+                                 "metrics_listen": "tcp:0:interface=127.0.0.1"})
+    service = server.service
+    ops = f"http://127.0.0.1:{(await wait(service.ops_listening())).getHost().port}"
+    status, headers, body = await http_get(ops + "/readyz")
+    ready = json.loads(body)
+    assert (status, ready["status"], ready["amqp"]) == (200, "ready", "disabled"), body
+    # A client that never answers the close holds the drain open: the node is shutting down.
+    reader, writer = await raw_websocket(server.port)
+    stopping = service.stopService()
+    status, _, body = await http_get(ops + "/readyz")
+    assert (status, json.loads(body)["status"]) == (503, "not ready"), body
+    writer.close()
+    await wait(stopping)

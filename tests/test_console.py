@@ -154,6 +154,26 @@ async def test_console_in_chromium_shows_published_message(server_factory: Any, 
     assert (ARTIFACTS / "console.png").stat().st_size > 10_000
 
 
+@pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
+                    reason=f"needs Debian's chromium at {CHROMIUM} (make test installs it: apt-get install chromium)")
+@aio_test
+async def test_console_in_chromium_shows_a_broker_less_node_ready(local_factory: Any) -> None:
+    from playwright.async_api import async_playwright, expect
+
+    server = await local_factory(console="true")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000)
+        try:
+            page = await browser.new_page()
+            page.set_default_timeout(15_000)
+            await page.goto(f"{server.http}/console/")
+            # The node's own /readyz, not a stub: broker-less and serving, so ready.
+            await expect(page.locator("#readiness")).to_have_text("ready")
+            await expect(page.locator("#node-details")).to_contain_text("disabled")
+        finally:
+            await browser.close()
+
+
 def test_console_switch_from_command_line_environment_and_file(tmp_path: Any) -> None:
     from twisted.plugins.towerws_plugin import serviceMaker
 

@@ -207,12 +207,21 @@ def test_autobahn_sends_everything_through_send_data() -> None:
 
 def test_autobahn_close_codes_of_both_sides() -> None:
     message = "localCloseCode/remoteCloseCode no longer record the close handshake: fix autobahn_internals.close_codes"
+    first = "closedByMe no longer says which side started the closing handshake: fix autobahn_internals.closed_first"
     client_closes, _, _ = _open_protocol()
+    assert not autobahn_internals.closed_first(client_closes), first
     client_closes.dataReceived(ws_frame(True, 0, 8, True, struct.pack("!H", 4000) + b"bye"))
     assert autobahn_internals.close_codes(client_closes) == (1000, 4000), message  # Autobahn answers 1000
+    assert not autobahn_internals.closed_first(client_closes), first
     server_closes, _, _ = _open_protocol()
     autobahn_internals.send_close(server_closes, 1003, "binary")
     assert autobahn_internals.close_codes(server_closes) == (1003, None), message
+    assert autobahn_internals.closed_first(server_closes), first
+    # Autobahn's own close for a protocol error (a client frame without a mask) starts it too.
+    violation, _, _ = _open_protocol()
+    violation.dataReceived(ws_frame(True, 0, 1, False, b"unmasked"))
+    assert autobahn_internals.close_codes(violation) == (1002, None), message
+    assert autobahn_internals.closed_first(violation), first
 
 
 def test_autobahn_options_on_the_class_are_not_copied_per_connection() -> None:

@@ -88,6 +88,44 @@ def test_bad_options_fail_with_one_line(args: list[str], env: dict, expected: st
 
 
 @pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("tls-file-without-broker", "--amqp-ca-file: given, but --amqp-url is none"),
+        ("cert-file-without-broker-from-file", "--amqp-cert-file: given, but --amqp-url is none"),
+        ("ssl-listen-with-a-bad-key", "--listen (command line): invalid endpoint description"),
+        ("tokens-file-is-a-directory", "--tokens-file (environment TOWERWS_TOKENS_FILE): cannot read"),
+        ("config-is-a-directory", "config file"),
+        ("newline-in-a-value", "--listen (environment TOWERWS_LISTEN): "),
+    ],
+)
+def test_bad_combinations_fail_with_one_line(tmp_path: Path, case: str, expected: str) -> None:
+    """Combinations of command line, environment and config file that once ended in a traceback."""
+    from tlsfiles import CA
+
+    issued = CA("twistd-test").issue("localhost", client=True)
+    cert, key = issued.write(tmp_path, "client")
+    both = tmp_path / "both.pem"
+    both.write_bytes(issued.cert_pem + issued.key_pem)
+    empty = tmp_path / "empty.pem"
+    empty.write_bytes(b"")
+    conf = tmp_path / "towerws.conf"
+    conf.write_text(f"[towerws]\namqp_cert_file = {both}\n")
+    args, env = {
+        "tls-file-without-broker": (["--amqp-url", "none", "--amqp-ca-file", cert], {}),
+        "cert-file-without-broker-from-file": (["--config", str(conf)], {"TOWERWS_AMQP_URL": "none"}),
+        "ssl-listen-with-a-bad-key": (["--listen", f"ssl:0:privateKey={empty}"], {}),
+        "tokens-file-is-a-directory": ([], {"TOWERWS_TOKENS_FILE": str(tmp_path)}),
+        "config-is-a-directory": ([], {"TOWERWS_CONFIG": str(tmp_path)}),
+        "newline-in-a-value": ([], {"TOWERWS_LISTEN": "tcp:0\nbogus:1"}),
+    }[case]
+    result = run_twistd(*args, env=env)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
     "content,expected",
     [
         ("{not json", "not valid JSON"),
@@ -124,10 +162,48 @@ def test_invalid_config_file_fails_with_one_line(tmp_path: Path, content: str, e
     assert len(lines) == 1 and expected in lines[0], result.stderr
 
 
-def test_help_lists_every_option() -> None:
-    result = subprocess.run([TWISTD, "towerws", "--help"], capture_output=True, text=True, timeout=30, cwd=ROOT)
-    assert result.returncode == 0
-    from towerws.config import OPTIONS, cli_name
+def help_entries(width: int) -> dict[str, str]:
+    """``twistd towerws --help`` at ``width`` columns: option -> its help, the wrapped lines joined again."""
+    result = subprocess.run([TWISTD, "towerws", "--help"], capture_output=True, text=True, timeout=30, cwd=ROOT,
+                            env={**os.environ, "COLUMNS": str(width)})
+    assert result.returncode == 0, result.stderr
+    entries: dict[str, str] = {}
+    option = None
+    for line in result.stdout.split("\n\n")[0].splitlines()[2:]:  # after the usage line and "Options:"
+        name, _, text = line.strip().partition("  ")
+        if len(line) - len(line.lstrip()) <= 6:  # an option's first line; the rest are indented to the help column
+            option = name.split("--")[1].rstrip("=")
+            entries[option] = text.strip()
+        elif option is not None:
+            # textwrap breaks at spaces and after hyphens: rejoin accordingly
+            joiner = "" if entries[option].endswith("-") else " "
+            entries[option] += joiner + line.strip()
+    return entries
 
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_help_shows_each_option_and_its_default_once_and_whole(width: int) -> None:
+    from towerws.config import OPTIONS, cli_name, shown_default
+
+    entries = help_entries(width)
     for fld in OPTIONS:
-        assert f"--{cli_name(fld.name)}" in result.stdout
+        text = entries[cli_name(fld.name)]
+        assert "(default:" not in text, text
+        if fld.metadata.get("flag"):
+            assert text == fld.metadata["help"]
+            continue
+        # Every word whole: the help as written, then the default (or its description) once.
+        default = fld.metadata.get("brief") or shown_default(fld)
+        assert text == f"{fld.metadata['help']} [default: {default}]", text
+        assert text.count("[default:") == 1
+
+
+def test_version_names_towerws_and_its_pinned_libraries() -> None:
+    from importlib import metadata
+
+    from towerws import __version__
+
+    result = subprocess.run([TWISTD, "towerws", "--version"], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert (result.returncode, result.stderr) == (0, "")
+    expected = ", ".join(f"{name} {metadata.version(name)}" for name in ("Twisted", "Autobahn", "txAMQP"))
+    assert result.stdout == f"towerws {__version__} ({expected})\n"

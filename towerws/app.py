@@ -100,8 +100,12 @@ class TowerService(MultiService):
     # -- health ------------------------------------------------------------------
 
     def ready(self) -> bool:
-        """Ready for clients: running and consuming (not while shutting down)."""
-        return self.running and self.bus.state == "consuming"
+        """Ready for clients: running (not starting, not shutting down) and the bus ready.
+
+        The bus says what ready means for it (``Bus.ready``): with RabbitMQ, consuming
+        this node's queue; broker-less, always, so a serving broker-less node is ready.
+        """
+        return bool(self.running) and self.bus.ready
 
     def status(self) -> dict[str, Any]:
         return {

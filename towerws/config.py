@@ -32,8 +32,23 @@ MIN_SECRET_LENGTH = 16
 SECTION = "towerws"
 
 
+#: longest ConfigError message: an echoed value can be any size, the operator reads one line
+MAX_MESSAGE = 500
+
+
 class ConfigError(ValueError):
-    """An option or file is invalid; the message is one line for the operator."""
+    """An option or file is invalid; the message is one line for the operator.
+
+    Messages echo what the operator gave (a path, an endpoint description), which
+    can hold newlines, NUL bytes or megabytes: control characters are escaped and
+    the line is cut, so twistd prints exactly one readable line.
+    """
+
+    def __init__(self, message: str):
+        line = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in message)
+        if len(line) > MAX_MESSAGE:
+            line = line[:MAX_MESSAGE] + f"... ({len(line) - MAX_MESSAGE} more characters)"
+        super().__init__(line)
 
 
 # -- value parsers: str -> value, raising ValueError with a short reason --------
@@ -65,7 +80,15 @@ def _strports(text: str) -> str:
 
     # Parsing builds the endpoint object without listening: syntax errors and
     # unknown endpoint types surface here, not later at start-up.
-    endpoints.serverFromString(reactor, text)
+    try:
+        endpoints.serverFromString(reactor, text)
+    except (ValueError, OSError):
+        raise
+    except Exception as exc:
+        # Each endpoint type parses its own arguments with errors of its own
+        # (ssl: loads its certificate and key now; a bad one raises pyOpenSSL's
+        # Error): any of them means the description is unusable.
+        raise ValueError(f"invalid endpoint description ({type(exc).__name__}: {exc})") from None
     return text
 
 
@@ -150,9 +173,15 @@ def default_node_id() -> str:
     return f"{socket.gethostname()}-{secrets.token_hex(3)}"
 
 
-def option(default: Any, parse: Callable[[str], Any], help: str, shown: str | None = None) -> Any:
-    """A settings field: its default, how to parse a string, one line of help."""
-    return field(default=default, metadata={"parse": parse, "help": help, "shown": shown})
+def option(default: Any, parse: Callable[[str], Any], help: str, shown: str | None = None,
+           brief: str | None = None) -> Any:
+    """A settings field: its default, how to parse a string, one line of help.
+
+    ``shown``: the default as written in the docs' table and ``etc/towerws.conf``
+    (when ``str(default)`` is not how an operator writes it); ``brief``: a short
+    description of a default too long for a ``--help`` column.
+    """
+    return field(default=default, metadata={"parse": parse, "help": help, "shown": shown, "brief": brief})
 
 
 def flag(help: str) -> Any:
@@ -192,6 +221,7 @@ class Settings:
         Allowlist.parse,
         "subscribable groups: KEY:ITEM,... entries; <id> = any positive id, <user> = own user id",
         shown=DEFAULT_GROUPS,
+        brief="AWX's groups: jobs, schedules, inventories, control and six *_events keys",
     )
     max_message_size: int = option(65536, _positive_int, "largest client message in bytes (larger: close 1009)")
     ping_interval: float = option(30.0, _non_negative_float, "seconds between server pings to each client (0: off)")
@@ -218,13 +248,15 @@ class Settings:
     )
     tower_timeout: float = option(5.0, _positive_float, "seconds one Tower API request may take (then: unavailable)")
     tower_ca_file: str | None = option(
-        None, _pem_certificates, "PEM file of CA certificates trusted for --tower-url (default: the system's)"
+        None, _pem_certificates, "PEM file of CA certificates trusted for --tower-url",
+        shown="the system's trust store",
     )
     object_paths: ObjectPaths = option(
         ObjectPaths.parse(DEFAULT_OBJECT_PATHS),
         ObjectPaths.parse,
         "API path checked for each id-keyed group: KEY:/api/v2/.../{id}/ entries",
         shown=DEFAULT_OBJECT_PATHS,
+        brief="AWX's API path of each of the six *_events keys",
     )
     auth_cache_ttl: float = option(30.0, _non_negative_float, "seconds a Tower API yes (a user, an allowed object) is reused")
     auth_negative_cache_ttl: float = option(5.0, _non_negative_float, "seconds a Tower API no (401, 403, 404) is reused")
@@ -241,7 +273,7 @@ class Settings:
 
     # -- broker: TLS and faults --
     amqp_ca_file: str | None = option(
-        None, _pem_certificates, "PEM CA certificate(s) trusted for amqps:// (default: the system's trust store)"
+        None, _pem_certificates, "PEM CA certificate(s) trusted for amqps://", shown="the system's trust store"
     )
     amqp_cert_file: str | None = option(
         None, _pem_certificates, "PEM client certificate for amqps:// (may hold its key too)"
@@ -304,6 +336,8 @@ def read_config_file(path: str) -> dict[str, str]:
             parser.read_file(fp)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    except ValueError as exc:  # open() refuses a path with a NUL byte in it
+        raise ConfigError(f"config file {path}: cannot read: {exc}") from None
     except configparser.Error as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError(f"config file {path}: invalid INI: {first}") from None
@@ -371,7 +405,7 @@ def _check_amqp_tls(s: Settings) -> None:
     """The TLS files only make sense together with amqps://, and a key needs its certificate."""
     given = [k for k in ("amqp_ca_file", "amqp_cert_file", "amqp_key_file") if getattr(s, k) is not None]
     if given and s.amqp_url is None:
-        raise ConfigError(f"--{cli_name(given[0])}: given, but --amqp-url is none (no broker to talk TLS to)")
+        raise ConfigError(f"--{cli_name(given[0])}: given, but --amqp-url is none (no broker to use TLS with)")
     if given and not s.amqp_url.tls:
         raise ConfigError(f"--{cli_name(given[0])}: given, but --amqp-url is not amqps:// (no plaintext with TLS files)")
     if s.amqp_key_file is not None and s.amqp_cert_file is None:

@@ -9,10 +9,12 @@ the Twisted TLS objects the clients use.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.utils import CryptographyDeprecationWarning
 
 PRIVATE_KEY_MARKER = b"PRIVATE KEY-----"
 
@@ -29,7 +31,13 @@ def certificates(path: str) -> list[x509.Certificate]:
     """Every certificate in the PEM file ``path`` (at least one)."""
     data = read(path)
     try:
-        certs = x509.load_pem_x509_certificates(data)
+        with warnings.catch_warnings():
+            # System bundles (/etc/ssl/certs/ca-certificates.crt) hold old roots whose
+            # serial number is not positive; cryptography warns about each on load, at
+            # start-up, where the operator can do nothing about it. Only that class,
+            # only around this load: a certificate it cannot read still fails below.
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            certs = x509.load_pem_x509_certificates(data)
     except ValueError:
         certs = []
     if not certs:

@@ -15,6 +15,9 @@ the internal, when an Autobahn upgrade changes it; Autobahn is pinned in
   and 3000-4999, towerws also closes with 1001, 1003 and 1013.
 * :func:`close_codes` -- ``localCloseCode`` / ``remoteCloseCode``: the codes of the
   close frames sent and received, for the access log.
+* :func:`closed_first` -- ``closedByMe``: whether this side's close frame started the
+  closing handshake (Autobahn's own protocol-error closes included) rather than
+  answering the peer's, so the access log shows the code that started it.
 """
 
 from __future__ import annotations
@@ -62,3 +65,8 @@ def send_close(protocol: WebSocketProtocol, code: int, reason: str) -> None:
 def close_codes(protocol: WebSocketProtocol) -> tuple[int | None, int | None]:
     """(code of the close frame this side sent, code of the one it received); ``None`` where there was none."""
     return protocol.localCloseCode, protocol.remoteCloseCode
+
+
+def closed_first(protocol: WebSocketProtocol) -> bool:
+    """Whether this side sent the first close frame (``False``: it answered one, or sent none)."""
+    return bool(protocol.closedByMe)

@@ -50,14 +50,20 @@ from towerws.subscribe import (
     unavailable_errors,
 )
 from towerws.twisted_internals import hold_writes, socket_of
-from towerws.websocket.autobahn_internals import RawSend, send_close, with_class_options
+from towerws.websocket.autobahn_internals import RawSend, close_codes, closed_first, send_close, with_class_options
 
 PATHS = ("/websocket", "/websocket/")
+#: the Server header of every HTTP answer: no library names or versions for a scanner to match
+SERVER = "towerws"
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_UNAUTHORIZED = 4401
+#: RFC 6455 7.1.5: the close frame carried no code
+CLOSE_NO_STATUS = 1005
+#: RFC 6455 7.1.5: no close frame at all (a dropped connection, a timeout)
+CLOSE_ABNORMAL = 1006
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 
@@ -408,9 +414,26 @@ class TowerProtocol(RawSend, WebSocketServerProtocol):
                 duration_s=round(time.monotonic() - self.opened_at, 3),
                 groups=groups,
                 frames=self.frames_sent,
-                code=code,
+                code=self.wire_close_code(),
                 clean=wasClean,
             )
+
+    def wire_close_code(self) -> int:
+        """The close code that ended the session on the wire, for the access log.
+
+        Autobahn's ``onClose`` code is the received one, and 1006 whenever the
+        handshake did not complete -- also when this side closed with 1003, 1007,
+        1009 or 1013 and the client dropped the connection instead of answering.
+        The code that matters is the one of the close frame that started the
+        closing handshake: the one sent when the server started it, the one
+        received when the client did (Autobahn answers that with 1000).
+        """
+        sent, received = close_codes(self)
+        if closed_first(self):
+            return sent if sent is not None else CLOSE_NO_STATUS
+        if sent is not None:  # the answer to the client's close frame
+            return received if received is not None else CLOSE_NO_STATUS
+        return received if received is not None else CLOSE_ABNORMAL
 
     def __repr__(self) -> str:
         return f"<TowerProtocol {getattr(self, 'conn_id', '?')} {self.peer}>"
@@ -429,7 +452,7 @@ class TowerFactory(WebSocketServerFactory):
         clock: IReactorTime | None = None,
         metrics: Metrics | None = None,
     ):
-        super().__init__()
+        super().__init__(server=SERVER)  # Autobahn's default names itself and its version
         if clock is None:
             from twisted.internet import reactor as clock
         self.settings = settings
@@ -458,6 +481,9 @@ class TowerFactory(WebSocketServerFactory):
             openHandshakeTimeout=settings.open_handshake_timeout,
             # Origins are checked in onConnect (403); let "null" reach that check too.
             allowNullOrigin=True,
+            # Only upgrades reach Autobahn (see web.Listener); should anything else,
+            # it gets 426 rather than Autobahn's status page, which names its version.
+            webStatus=False,
         )
         self.protocol = with_class_options(self.protocol, self)
 

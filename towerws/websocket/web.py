@@ -33,7 +33,7 @@ from twisted.web.server import Request, Site
 from towerws.metrics import Metrics, MetricsResource
 from towerws.twisted_internals import hand_over
 from towerws.websocket.console import add_console
-from towerws.websocket.protocol import TowerFactory
+from towerws.websocket.protocol import SERVER, TowerFactory
 from towerws.websocket.publish_api import add_publish_api
 
 #: the most of a first request's head the Listener reads before leaving it to Twisted Web
@@ -83,6 +83,15 @@ class HandshakeChannel(HTTPChannel):
         super().connectionLost(reason)
 
 
+class TowerRequest(Request):
+    """A request answered with ``Server: towerws`` instead of Twisted Web's name and version."""
+
+    def render(self, resrc: IResource) -> None:
+        # process() has just set Twisted's Server header; nothing is written before render.
+        self.setHeader(b"server", SERVER.encode("ascii"))
+        super().render(resrc)
+
+
 class TowerSite(Site):
     """Plain HTTP/1.1 (websockets need nothing else), without Twisted's per-request access log.
 
@@ -91,6 +100,7 @@ class TowerSite(Site):
     """
 
     protocol = HandshakeChannel
+    requestFactory = TowerRequest
 
     def __init__(self, resource: IResource, handshake_timeout: float):
         super().__init__(resource)
@@ -108,7 +118,7 @@ class UpgradeRequired(Resource):
         return self if path == b"" else notFound()
 
     def render(self, request: Request) -> bytes:
-        request.setResponseCode(426)
+        request.setResponseCode(426, b"Upgrade Required")  # Twisted Web knows no phrase for 426
         request.setHeader("upgrade", "websocket")
         request.setHeader("content-type", "text/plain; charset=utf-8")
         return b"towerws: this endpoint speaks websocket only (GET with Upgrade: websocket)\n"

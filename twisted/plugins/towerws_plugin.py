@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from importlib import metadata
 
 from twisted.application.service import IServiceMaker
 from twisted.plugin import IPlugin
@@ -21,13 +22,26 @@ class Options(usage.Options):
         "in the config file (section [towerws], key = option with - as _) or as TOWERWS_<KEY>; "
         "precedence: command line > environment > config file > default."
     )
+    # The default goes into the help text (usage would print the parsed object's
+    # repr); a default too long for the help column is described instead, since
+    # usage wraps inside a word that does not fit (the full value: etc/towerws.conf).
     optParameters = [["config", "c", None, "INI config file (also TOWERWS_CONFIG)"]] + [
-        [config.cli_name(f.name), None, None, f"{f.metadata['help']} [default: {config.shown_default(f)}]"]
+        [config.cli_name(f.name), None, None,
+         f"{f.metadata['help']} [default: {f.metadata.get('brief') or config.shown_default(f)}]"]
         for f in config.OPTIONS
         if not f.metadata.get("flag")
     ]
     # Switches take no value on the command line (``--console``); elsewhere they are true/false.
     optFlags = [[config.cli_name(f.name), None, f.metadata["help"]] for f in config.OPTIONS if f.metadata.get("flag")]
+
+    def opt_version(self) -> None:
+        """Print the versions of towerws and of the libraries it is pinned to, and exit."""
+        from towerws import __version__
+
+        # Distribution metadata, not imports: txAMQP is otherwise loaded only with a broker.
+        libraries = ", ".join(f"{name} {metadata.version(name)}" for name in ("Twisted", "Autobahn", "txAMQP"))
+        sys.stdout.write(f"towerws {__version__} ({libraries})\n")
+        raise SystemExit(0)
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         # twistd answers a usage error with the whole usage text; an operator
