@@ -43,18 +43,31 @@ class PublishError(Exception):
 class Bus(Protocol):
     """What towerws asks of its message bus (see the module docstring)."""
 
-    #: "disabled" (no broker), "connecting", "consuming", "stopping" or "stopped"
-    state: str
-    #: True once subscriptions can receive and publishes can be confirmed
-    ready: bool
-    #: messages taken from the bus (consumed from this node's queue)
-    consumed: int
-    #: messages dropped: a body that is not UTF-8 RFC 8259 JSON, or a dispatch that failed
-    dropped: int
-    #: groups this node's queue is bound to (0 without a broker)
-    bound_count: int
-    #: ``host:port`` of the broker node in use (None without one, or while connecting)
-    broker: str | None
+    # Read-only properties: an implementation may use plain attributes or properties.
+
+    @property
+    def state(self) -> str:
+        """"disabled" (no broker), "connecting", "consuming", "stopping" or "stopped"."""
+
+    @property
+    def ready(self) -> bool:
+        """True once subscriptions can receive and publishes can be confirmed."""
+
+    @property
+    def consumed(self) -> int:
+        """Messages taken from the bus (consumed from this node's queue)."""
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped: a body that is not UTF-8 RFC 8259 JSON, or a dispatch that failed."""
+
+    @property
+    def bound_count(self) -> int:
+        """Groups this node's queue is bound to (0 without a broker)."""
+
+    @property
+    def broker(self) -> str | None:
+        """``host:port`` of the broker node in use (None without one, or while connecting)."""
 
     # -- the hub's listener ------------------------------------------------------
 
@@ -92,7 +105,7 @@ class LocalBus(Service):
     state = "disabled"
     ready = True
     bound_count = 0
-    broker = None
+    broker: str | None = None
 
     def __init__(self, hub: Hub):
         self.hub = hub
