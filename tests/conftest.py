@@ -59,9 +59,18 @@ def _broker_listening() -> bool:
         return False
 
 
+#: test modules that never touch the broker: run alone, they do not need RabbitMQ
+BROKER_FREE = {"test_bench_soak.py"}
+
+
+def _broker_free(args: list[str]) -> bool:
+    """True when every path on the command line is a module of :data:`BROKER_FREE`."""
+    return bool(args) and all(Path(a.split("::")[0]).name in BROKER_FREE for a in args)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Make sure RabbitMQ is there: start the local one if needed, else stop with one line."""
-    if _broker_listening():
+    if _broker_free(session.config.args) or _broker_listening():
         return
     if shutil.which("rabbitmq-server") is None:
         pytest.exit("towerws tests need RabbitMQ on 127.0.0.1:5672 (guest/guest): nothing listens there "
