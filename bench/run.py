@@ -26,7 +26,8 @@ from bench.scenarios import SCENARIOS, Config
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
-def _commit() -> str:
+def git_commit() -> str:
+    """``git describe --always --dirty`` of the checkout ("?" without git)."""
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT,
                              timeout=10)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command.strip(),
         "note": args.note,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _commit(),
+        "commit": git_commit(),
         "machine": report.machine(broker),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
         "results": {},
