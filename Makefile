@@ -7,7 +7,7 @@ CONFIG ?= etc/towerws.conf
 
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run test test-deps bench bench-quick clean
+.PHONY: run test test-deps bench bench-quick soak clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ bench: $(BENCH_STAMP)
 # One run of each scenario at small sizes (a few minutes; numbers only indicative).
 bench-quick: $(BENCH_STAMP)
 	$(PY) -m bench.run --quick $(BENCH_ARGS)
+
+# The soak (bench/README.md): one towerws under steady client churn for SOAK_MINUTES
+# (default 30); fails if memory, open files, connections, groups or bindings keep growing.
+# A run of 30 minutes or more writes bench/SOAK.md, a shorter one bench/logs/soak-short.md.
+SOAK_MINUTES ?= 30
+soak: $(BENCH_STAMP)
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 $(BENCH_STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -36,6 +36,18 @@ def git_commit() -> str:
     return out.stdout.strip() or "?"
 
 
+def doc_head(module: str, argv: list[str] | None, note: str | None, broker: str) -> dict[str, Any]:
+    """The first fields of a results document: the exact command, the note, when, which commit, what machine."""
+    args = argv if argv is not None else sys.argv[1:]
+    return {
+        "command": f"python -m {module} {' '.join(shlex.quote(a) for a in args)}".strip(),
+        "note": note,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "machine": report.machine(broker),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 run each, smaller sizes (development)")
@@ -73,13 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
-    command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     doc: dict[str, Any] = {
-        "command": command.strip(),
-        "note": args.note,
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(),
-        "machine": report.machine(broker),
+        **doc_head("bench.run", argv, args.note, broker),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
         "results": {},
     }
