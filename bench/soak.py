@@ -18,9 +18,7 @@ or more, else to ``bench/logs/soak-short.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,7 +31,7 @@ from bench import report
 from bench.growth import Growth, Tolerance, detect
 from bench.plots import link, pyplot, save
 from bench.procs import ROOT, BenchError, Child, TowerwsServer, ensure_broker, rabbitmq_version, raise_nofile
-from bench.run import DEFAULT_AMQP, git_commit
+from bench.run import DEFAULT_AMQP, doc_head
 
 MiB = 1 << 20
 DEFAULT_MINUTES = 30.0
@@ -318,13 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"soak: {exc}", file=sys.stderr)
         return 2
-    argv_shown = argv if argv is not None else sys.argv[1:]
     doc: dict[str, Any] = {
-        "command": ("python -m bench.soak " + " ".join(shlex.quote(a) for a in argv_shown)).strip(),
-        "note": args.note,
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": git_commit(),
-        "machine": report.machine(broker),
+        **doc_head("bench.soak", argv, args.note, broker),
         "load": os_load(),
         "config": asdict(cfg),
         "population": cfg.population,
@@ -422,8 +415,8 @@ def page(doc: dict[str, Any], png: str | None) -> list[str]:
         "",
         "## Load",
         "",
-        f"- One towerws (`twistd --nodaemon towerws`, as in `make bench`), its own exchange and node id, "
-        f"`--unbind-grace` at its default; one churn process (`bench/soakgen.py`: picows clients and the AMQP feed).",
+        "- One towerws (`twistd --nodaemon towerws`, as in `make bench`), its own exchange and node id, "
+        "`--unbind-grace` at its default; one churn process (`bench/soakgen.py`: picows clients and the AMQP feed).",
         f"- {cfg['connect_rate']:g} new clients/s, each living {lo:g}-{hi:g} s (uniform): "
         f"about {doc['population']:.0f} live clients; {cfg['abort']:.0%} leave by a TCP reset, the rest with a close "
         f"frame; {cfg['resubscribe']:.0%} switch to a new job half-way through.",

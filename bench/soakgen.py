@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import resource
 import sys
@@ -58,7 +57,7 @@ from typing import Any
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-from bench.loadgen import BIN_US, NBINS, percentile, raise_nofile
+from bench.loadgen import BIN_US, NBINS, command_loop, percentile, run_process
 from bench.publisher import AMQPError, RawPublisher, scan_for_close
 
 STATUS_GROUP = "jobs-status_changed"
@@ -522,40 +521,13 @@ class Commands:
 
 async def serve() -> None:
     """Read commands from stdin until ``quit`` or end of input."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 20)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     commands = Commands()
-    handlers = {"start": commands.start, "stats": commands.stats, "stop": commands.stop}
-    _reply({"ready": True, "pid": os.getpid(), "loop": type(loop).__module__})
-    while line := await reader.readline():
-        cmd = json.loads(line)
-        if cmd["cmd"] == "quit":
-            break
-        handler = handlers.get(cmd["cmd"])
-        if handler is None:
-            _reply({"ok": False, "error": f"unknown command {cmd['cmd']!r}"})
-            continue
-        try:
-            _reply(await handler(cmd))
-        except (AMQPError, OSError, ValueError, KeyError) as exc:
-            _reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-
-
-def _reply(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+    await command_loop({"start": commands.start, "stats": commands.stats, "stop": commands.stop},
+                       errors=(AMQPError, OSError, ValueError, KeyError))
 
 
 def main() -> int:
-    raise_nofile()
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve())
-    else:
-        uvloop.run(serve())
-    return 0
+    return run_process(serve)
 
 
 if __name__ == "__main__":
