@@ -244,7 +244,33 @@ _METHOD = """\
 """
 
 
+def relative_paths(obj: Any, root: Path) -> Any:
+    """``obj`` (JSON data) with ``root/`` cut out of every string: paths relative to the checkout.
+
+    Results are committed; the absolute path of whoever ran the bench means nothing elsewhere.
+    """
+    prefix = f"{root}/"
+    if isinstance(obj, str):
+        return obj.replace(prefix, "")
+    if isinstance(obj, list):
+        return [relative_paths(x, root) for x in obj]
+    if isinstance(obj, dict):
+        return {k: relative_paths(v, root) for k, v in obj.items()}
+    return obj
+
+
+def checkout_of(doc: dict[str, Any]) -> Path:
+    """The checkout a results document was made in (its log folder is ``<checkout>/bench/logs``)."""
+    logdir = Path(str(doc.get("config", {}).get("logdir", "")))
+    return logdir.parent.parent if logdir.is_absolute() else Path(__file__).resolve().parent.parent
+
+
+#: the soak's page, linked from the results page when it exists
+SOAK_PAGE = "SOAK.md"
+
+
 def write_markdown(path: Path, doc: dict[str, Any]) -> None:
+    doc = relative_paths(doc, checkout_of(doc))
     m = doc["machine"]
     parts = [
         "# towerws benchmark results",
@@ -254,6 +280,8 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
         + ").",
         "",
         *([f"**Note:** {doc['note']}", ""] if doc.get("note") else []),
+        *([f"Long-running behaviour (memory, open files, groups, bindings under client churn): "
+           f"[the soak]({SOAK_PAGE}).", ""] if (path.parent / SOAK_PAGE).exists() else []),
         "## Machine",
         "",
         f"- CPU: {m['cpu']}, {m['cores']} cores; RAM {m['ram_gib']} GiB; Linux {m['kernel']}",

@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in doc["targets"]:
         verdict = "met" if t["met"] else ("NOT met" if t["met"] is False else "-")
         print(f"  {verdict:8} {t['target']}: {t['shown']}")
+    doc = report.relative_paths(doc, ROOT)
     out.write_text(json.dumps(doc, indent=1))
     report.write_markdown(markdown, doc)
     print(f"\nresults: {out}, {markdown} ({doc['elapsed_s']:.0f} s)")
