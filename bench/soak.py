@@ -221,6 +221,11 @@ def analyse(samples: list[dict[str, Any]], cfg: SoakConfig) -> dict[str, Growth]
 def verdict(doc: dict[str, Any]) -> list[str]:
     """Why the soak failed (empty: it passed)."""
     reasons = []
+    short = [BY_KEY[k].label for k, g in doc["growth"].items() if g["verdict"] == "too short"]
+    if short:
+        # No verdict is no pass: a soak too short to judge says nothing about leaks.
+        reasons.append(f"too short to judge the growth of {', '.join(short)} "
+                       f"(after the {doc['config']['warmup_s']:.0f} s warm-up); run longer")
     for key, g in doc["growth"].items():
         if g["verdict"] == "GROWS":
             s = BY_KEY[key]
@@ -290,13 +295,15 @@ def main(argv: list[str] | None = None) -> int:
                                                   "bench/logs/soak-short.json)")
     parser.add_argument("--logs", type=Path, default=ROOT / "bench" / "logs", help="server and client logs")
     parser.add_argument("--render", type=Path, metavar="JSON",
-                        help="run nothing: render the report again from this JSON (next to it, or --note added)")
+                        help="run nothing: judge the samples of this JSON again and render its report "
+                             "(next to it; with --note, the note added)")
     args = parser.parse_args(argv)
     if args.render:
         doc = json.loads(args.render.read_text())
         if args.note is not None:
             doc["note"] = args.note
-            args.render.write_text(json.dumps(doc, indent=1))
+        judge(doc)
+        args.render.write_text(json.dumps(doc, indent=1))
         page_path = args.render.parent / ("SOAK.md" if args.render.name == "soak-latest.json"
                                           else f"{args.render.stem}.md")
         render(doc, page_path)
@@ -331,15 +338,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"soak: {exc}", file=sys.stderr)
     doc["elapsed_s"] = round(time.monotonic() - t0)
     doc["load_after"] = os_load()
-    doc["growth"] = {k: g.as_dict() for k, g in analyse(doc["samples"], cfg).items()}
-    doc["quiet"] = client_totals(doc["samples"], cfg.interval)
-    doc["reasons"] = verdict(doc) + ([f"the soak stopped early: {doc['error']}"] if "error" in doc else [])
-    doc["passed"] = not doc["reasons"]
+    judge(doc)
+    doc = report.relative_paths(doc, ROOT)
     out.write_text(json.dumps(doc, indent=1))
     render(doc, markdown)
     print("\n" + "\n".join(summary(doc)))
     print(f"\nreport: {markdown}, data: {out}")
     return 0 if doc["passed"] else 1
+
+
+def judge(doc: dict[str, Any]) -> None:
+    """Growth verdicts, loss outside broker restarts, pass or fail: from the samples, by the current rules."""
+    cfg = SoakConfig(**doc["config"])
+    doc["growth"] = {k: g.as_dict() for k, g in analyse(doc["samples"], cfg).items()}
+    doc["quiet"] = client_totals(doc["samples"], cfg.interval)
+    doc["reasons"] = verdict(doc) + ([f"the soak stopped early: {doc['error']}"] if "error" in doc else [])
+    doc["passed"] = not doc["reasons"]
 
 
 def os_load() -> list[float]:
@@ -493,9 +507,9 @@ def _spans(t: list[float], flags: list[bool]) -> list[tuple[float, float]]:
 def _restarts(doc: dict[str, Any]) -> str:
     q, t = doc.get("quiet") or {}, doc.get("totals") or {}
     if not q.get("restart_samples"):
-        return "- The shared broker was not restarted during the soak."
-    return (f"- The shared broker restarted during the soak (other engineers' tests run `rabbitmqctl stop_app`/"
-            f"`start_app`; the feed saw {t.get('feed_outages', '?')} outage(s) and skipped "
+        return "- No broker connection dropped during the soak."
+    return (f"- Broker connections dropped during the soak (the broker is shared: other engineers' tests restart "
+            f"it with `rabbitmqctl stop_app`/`start_app`; the feed saw {t.get('feed_outages', '?')} outage(s) and skipped "
             f"{t.get('feed_skipped', 0):,} messages due meanwhile): {q['restart_samples']} samples from one interval "
             f"before to {OUTAGE_MARGIN_S:.0f} s after are excused (shaded red in the plot). There clients lost "
             f"{q['lost_restart']:,}, got {q['dups_restart']} twice and {q['failed_restart']} connects failed; "
