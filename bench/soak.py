@@ -289,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connect-rate", type=float, default=20.0, help="new clients per second (default 20)")
     parser.add_argument("--lifetime", type=float, nargs=2, default=(5.0, 45.0), metavar=("MIN", "MAX"),
                         help="each client lives a uniform random time in [MIN, MAX] s (default 5 45)")
+    parser.add_argument("--mix", type=float, nargs=3, default=(0.8, 0.6, 0.8), metavar=("STATUS", "SHARED", "OWN"),
+                        help="share of clients in jobs-status_changed, in a shared job, in an own new job "
+                             "(default 0.8 0.6 0.8)")
+    parser.add_argument("--resubscribe", type=float, default=0.2,
+                        help="share of clients that switch to a new own job half-way (default 0.2)")
+    parser.add_argument("--abort", type=float, default=0.2,
+                        help="share of clients that leave by a TCP reset, not a close frame (default 0.2)")
     parser.add_argument("--note", help="a remark shown under the title of the report")
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP)
     parser.add_argument("--out", type=Path, help="JSON (default bench/soak-latest.json; shorter than 30 minutes: "
@@ -314,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (ROOT / "bench" / "soak-latest.json" if full else args.logs / "soak-short.json")
     markdown = out.parent / ("SOAK.md" if full and args.out is None else f"{out.stem}.md")
     cfg = SoakConfig(minutes=args.minutes, interval=args.interval, connect_rate=args.connect_rate,
-                     lifetime=tuple(args.lifetime))
+                     lifetime=tuple(args.lifetime), mix=dict(zip(("status", "shared", "own"), args.mix, strict=True)),
+                     resubscribe=args.resubscribe, abort=args.abort)
     raise_nofile()
     args.logs.mkdir(parents=True, exist_ok=True)
     try:
