@@ -92,14 +92,18 @@ def theil_sen(ts: Sequence[float], ys: Sequence[float]) -> float:
     return statistics.median(slopes) if slopes else 0.0
 
 
+def trend_line(ts: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """The Theil-Sen line through the points: (slope, intercept), the intercept the median residual."""
+    slope = theil_sen(ts, ys)
+    return slope, statistics.median(y - slope * t for t, y in zip(ts, ys, strict=True))
+
+
 def robust_noise(ts: Sequence[float], ys: Sequence[float]) -> float:
     """A robust standard deviation of ``ys`` around their Theil-Sen line (so a trend is not counted as noise)."""
     if len(ys) < 2:
         return 0.0
-    slope = theil_sen(ts, ys)
-    residuals = [y - slope * t for t, y in zip(ts, ys, strict=True)]
-    centre = statistics.median(residuals)
-    return MAD_TO_SIGMA * statistics.median(abs(r - centre) for r in residuals)
+    slope, centre = trend_line(ts, ys)
+    return MAD_TO_SIGMA * statistics.median(abs(y - slope * t - centre) for t, y in zip(ts, ys, strict=True))
 
 
 def detect(times: Sequence[float], values: Sequence[float], warmup_s: float,

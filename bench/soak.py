@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 
 from bench import report
-from bench.growth import Growth, Tolerance, detect
+from bench.growth import Growth, Tolerance, detect, trend_line
 from bench.plots import link, pyplot, save
 from bench.procs import ROOT, BenchError, Child, TowerwsServer, ensure_broker, rabbitmq_version, raise_nofile
 from bench.run import DEFAULT_AMQP, doc_head
@@ -501,6 +501,20 @@ def page(doc: dict[str, Any], png: str | None) -> list[str]:
     return parts
 
 
+def _zoom_on_trend(ax: Any, t: list[float], ys: list[float], steady_t: list[float]) -> None:
+    """Limit ``ax`` to the values after the warm-up and draw their trend over the middle and last thirds."""
+    steady = [(x, y) for x, y in zip(t, ys, strict=True) if x >= steady_t[0]]
+    low, high = min(y for _, y in steady), max(y for _, y in steady)
+    pad = max(0.5, 0.1 * (high - low))
+    ax.set_ylim(low - pad, high + pad)
+    start = steady_t[0] + (steady_t[-1] - steady_t[0]) / 3
+    judged = [(x, y) for x, y in steady if x >= start]
+    slope, intercept = trend_line([x for x, _ in judged], [y for _, y in judged])
+    ends = [judged[0][0], judged[-1][0]]
+    ax.plot(ends, [intercept + slope * x for x in ends], "k:", linewidth=1.2,
+            label=f"trend {slope * 60:+.2f} MiB/h")
+
+
 def _spans(t: list[float], flags: list[bool]) -> list[tuple[float, float]]:
     """The runs of consecutive flagged samples as (first, last) times."""
     spans: list[tuple[float, float]] = []
@@ -534,6 +548,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     spans = _spans(t, disturbed(samples, doc["config"]["interval"]))
     panels = [
         ("server RSS (MiB)", ["rss_mib"]),
+        ("server RSS after the warm-up (MiB), zoomed; dotted: its Theil-Sen trend over the middle and last thirds",
+         ["rss_mib"]),
         ("connections and open files", ["fds", "connections", "clients"]),
         ("groups and AMQP bindings", ["bindings", "groups_active", "groups_in_use"]),
         ("server count minus what the clients hold", ["extra_connections", "extra_bindings"]),
@@ -543,11 +559,14 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ("CPU (cores)", ["server_cpu", "loadgen_cpu"]),
     ]
     fig, axes = plt.subplots(len(panels), 1, figsize=(10.0, 2.1 * len(panels)), sharex=True)
-    for ax, (title, keys) in zip(axes, panels, strict=True):
+    for n, (ax, (title, keys)) in enumerate(zip(axes, panels, strict=True)):
+        zoom = n == 1
         for key in keys:
             g = doc["growth"].get(key)
             mark = "" if g is None else f" [{'GROWS' if g['verdict'] == 'GROWS' else g['verdict']}]"
             ax.plot(t, [s[key] for s in samples], linewidth=1.0, label=BY_KEY[key].label + mark)
+        if zoom and len(steady_t) >= 3:
+            _zoom_on_trend(ax, t, [s["rss_mib"] for s in samples], steady_t)
         ax.axvspan(t[0], t[0] + warm, color="0.9", zorder=0)
         for start, end in spans:
             ax.axvspan(start, end, color="#f4c7c3", zorder=0)
