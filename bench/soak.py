@@ -306,16 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(next to it; with --note, the note added)")
     args = parser.parse_args(argv)
     if args.render:
-        doc = json.loads(args.render.read_text())
-        if args.note is not None:
-            doc["note"] = args.note
-        judge(doc)
-        args.render.write_text(json.dumps(doc, indent=1))
-        page_path = args.render.parent / ("SOAK.md" if args.render.name == "soak-latest.json"
-                                          else f"{args.render.stem}.md")
-        render(doc, page_path)
-        print(f"report: {page_path}")
-        return 0 if doc["passed"] else 1
+        return render_again(args.render, args.note)
 
     full = args.minutes >= DEFAULT_MINUTES
     out = args.out or (ROOT / "bench" / "soak-latest.json" if full else args.logs / "soak-short.json")
@@ -352,6 +343,19 @@ def main(argv: list[str] | None = None) -> int:
     render(doc, markdown)
     print("\n" + "\n".join(summary(doc)))
     print(f"\nreport: {markdown}, data: {out}")
+    return 0 if doc["passed"] else 1
+
+
+def render_again(path: Path, note: str | None) -> int:
+    """Judge the samples of a soak's JSON by the current rules and render its page again, next to it."""
+    doc = json.loads(path.read_text())
+    if note is not None:
+        doc["note"] = note
+    judge(doc)
+    path.write_text(json.dumps(doc, indent=1))
+    page_path = path.parent / ("SOAK.md" if path.name == "soak-latest.json" else f"{path.stem}.md")
+    render(doc, page_path)
+    print(f"report: {page_path}")
     return 0 if doc["passed"] else 1
 
 

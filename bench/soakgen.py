@@ -427,8 +427,8 @@ class Soak:
 
     async def _live(self, client: Client, seconds: float) -> bool:
         """Wait ``seconds``; False if the server closed the client first (counted) or the soak stops."""
-        gone = asyncio.ensure_future(asyncio.shield(client.gone))
-        stop = asyncio.ensure_future(self.stopping.wait())
+        gone: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(client.gone))
+        stop: asyncio.Future[Any] = asyncio.ensure_future(self.stopping.wait())
         done, pending = await asyncio.wait([gone, stop], timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         for f in pending:
             f.cancel()
