@@ -63,7 +63,7 @@ SERIES = (
     # The server's counts minus what the clients hold: population noise cancels, a leak does not.
     Series("extra_connections", "connections - live clients", "", Tolerance(absolute=5, relative=0.0)),
     Series("extra_bindings", "bindings - groups in use", "", Tolerance(absolute=10, relative=0.0)),
-    Series("delivered_per_s", "frames delivered/s", "/s", Tolerance(absolute=50, relative=0.10)),
+    Series("delivered_per_s", "frames delivered", "/s", Tolerance(absolute=50, relative=0.10)),
     # Loss is judged by a stricter rule than growth: none at all outside broker restarts.
     Series("lost", "messages lost per interval", "", None),
     Series("clients", "live clients", "", None),
@@ -475,8 +475,8 @@ def page(doc: dict[str, Any], png: str | None) -> list[str]:
             f"because 200 were still connecting); {t.get('left_clean', 0):,} left with a close frame, "
             f"{t.get('left_abort', 0):,} by a reset, {t.get('server_closed', 0)} were closed by the server; "
             f"{t.get('resubscribed', 0):,} switched jobs.",
-            f"- {t.get('frames', 0):,} frames delivered, {t.get('lost', 0)} lost, {t.get('dups', 0)} duplicated, "
-            f"{t.get('stale', 0)} stale (in flight for a group just left); {t.get('published', 0):,} messages published.",
+            f"- {t.get('frames', 0):,} frames delivered, {t.get('lost', 0):,} lost, {t.get('dups', 0):,} duplicated, "
+            f"{t.get('stale', 0):,} stale (in flight for a group just left); {t.get('published', 0):,} messages published.",
             _restarts(doc),
             "",
         ]
