@@ -352,6 +352,7 @@ def render_again(path: Path, note: str | None) -> int:
     if note is not None:
         doc["note"] = note
     judge(doc)
+    doc = report.relative_paths(doc, ROOT)
     path.write_text(json.dumps(doc, indent=1))
     page_path = path.parent / ("SOAK.md" if path.name == "soak-latest.json" else f"{path.stem}.md")
     render(doc, page_path)
