@@ -457,8 +457,9 @@ def page(doc: dict[str, Any], png: str | None) -> list[str]:
     ]
     if png:
         parts += [f"![soak series over time]({png})", "",
-                  "Shaded: warm-up. Dashed lines: the middle and last thirds of the steady part, whose medians "
-                  "the growth test compares.", ""]
+                  "Grey: warm-up. Red: from one interval before a broker connection dropped to 45 s after "
+                  "(losses there excused). Dashed lines: the middle and last thirds of the steady part, whose "
+                  "medians the growth test compares.", ""]
     parts += [
         "## Figures",
         "",
