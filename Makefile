@@ -23,7 +23,7 @@ BROKERLESS := $(filter none None NONE,$(strip $(AMQP_URL_SETTING)))
 PUBLISH_SECRET := $(or $(TOWERWS_PUBLISH_SECRET_FILE),etc/publish.dev.secret)
 comma := ,
 
-.PHONY: run banner test test-deps bench bench-quick clean
+.PHONY: run banner test test-deps bench bench-quick soak clean
 
 $(RUN_STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -78,6 +78,13 @@ bench: $(BENCH_STAMP)
 # One run of each scenario at small sizes (a few minutes; numbers only indicative).
 bench-quick: $(BENCH_STAMP)
 	$(PY) -m bench.run --quick $(BENCH_ARGS)
+
+# The soak (bench/README.md): one towerws under steady client churn for SOAK_MINUTES
+# (default 30); fails if memory, open files, connections, groups or bindings keep growing.
+# A run of 30 minutes or more writes bench/SOAK.md, a shorter one bench/logs/soak-short.md.
+SOAK_MINUTES ?= 30
+soak: $(BENCH_STAMP)
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 $(BENCH_STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -41,6 +41,7 @@ import resource
 import socket
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
@@ -347,12 +348,8 @@ class LoadGen:
 
 async def serve() -> None:
     """Read commands from stdin until ``quit`` or end of input."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 20)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     gen = LoadGen()
-    _reply({"ready": True, "pid": os.getpid(), "loop": type(loop).__module__})
-    handlers = {
+    await command_loop({
         "connect": gen.connect,
         "expect": gen.expect,
         "stats": gen.stats,
@@ -360,7 +357,19 @@ async def serve() -> None:
         "probe": gen.probe,
         "resume": gen.resume,
         "close": gen.close,
-    }
+    })
+
+
+async def command_loop(handlers: dict[str, Callable[[dict[str, Any]], Any]],
+                       errors: tuple[type[Exception], ...] = ()) -> None:
+    """Say ready, then answer each JSON-line command on stdin with its handler's reply until ``quit``.
+
+    A handler may be a coroutine function; ``errors`` it raises become ``{"ok": false}`` replies.
+    """
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    _reply({"ready": True, "pid": os.getpid(), "loop": type(loop).__module__})
     while line := await reader.readline():
         cmd = json.loads(line)
         if cmd["cmd"] == "quit":
@@ -369,8 +378,11 @@ async def serve() -> None:
         if handler is None:
             _reply({"ok": False, "error": f"unknown command {cmd['cmd']!r}"})
             continue
-        result = handler(cmd)
-        _reply(await result if asyncio.iscoroutine(result) else result)
+        try:
+            result = handler(cmd)
+            _reply(await result if asyncio.iscoroutine(result) else result)
+        except errors as exc:
+            _reply({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
 
 def _reply(obj: dict[str, Any]) -> None:
@@ -385,15 +397,20 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def main() -> int:
+def run_process(serve_forever: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    """The main of a client process: open-files limit raised, ``serve_forever()`` on uvloop if installed."""
     raise_nofile()
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve())
+        asyncio.run(serve_forever())
     else:
-        uvloop.run(serve())
+        uvloop.run(serve_forever())
     return 0
+
+
+def main() -> int:
+    return run_process(serve)
 
 
 if __name__ == "__main__":

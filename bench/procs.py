@@ -170,7 +170,9 @@ class TowerwsServer(Server):
 
     name = "towerws"
 
-    def __init__(self, amqp_url: str, logdir: Path, label: str, extra: list[str] | None = None):
+    def __init__(self, amqp_url: str, logdir: Path, label: str, extra: list[str] | None = None,
+                 feed: bool = True):
+        """Start it and wait until it consumes; ``feed``: also start a :mod:`bench.publisher` for it."""
         self.port = free_port()
         self.run_id = f"bench-{secrets.token_hex(4)}"
         self.exchange = self.run_id
@@ -199,7 +201,8 @@ class TowerwsServer(Server):
         self.pid = self.proc.pid
         try:
             self._wait_ready(60)
-            self.feed = publisher(amqp_url, self.exchange, logdir / f"{label}-publisher.log")
+            if feed:
+                self.feed = publisher(amqp_url, self.exchange, logdir / f"{label}-publisher.log")
         except BaseException:
             self.stop()
             raise
@@ -211,6 +214,18 @@ class TowerwsServer(Server):
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             return json.loads(e.read())
+
+    def metrics(self) -> dict[str, float]:
+        """``GET /metrics``: every sample without labels, by name (``towerws_connections``, ...)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if line.startswith("#") or "{" in name or not value:
+                continue
+            out[name] = float(value.split()[0])
+        return out
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -158,15 +158,9 @@ class RawPublisher:
         data = self.sock.recv(65536)
         if not data:
             raise AMQPError("the broker closed the connection")
-        self._buf += data
-        while len(self._buf) >= 8:
-            ftype, _, size = _HEADER.unpack_from(self._buf)
-            if len(self._buf) < 8 + size:
-                break
-            payload = self._buf[7 : 7 + size]
-            self._buf = self._buf[8 + size :]
-            if ftype == 1 and _METHOD.unpack_from(payload) in ((10, 50), (20, 40)):
-                raise AMQPError(self._close_reason(payload))
+        self._buf, reason = scan_for_close(self._buf + data)
+        if reason is not None:
+            raise AMQPError(reason)
 
     def close(self) -> None:
         try:
@@ -174,6 +168,23 @@ class RawPublisher:
         except OSError:
             pass  # already gone; nothing left to close cleanly
         self.sock.close()
+
+
+def scan_for_close(buf: bytes) -> tuple[bytes, str | None]:
+    """Consume the whole frames in ``buf`` (what the broker sent a publisher).
+
+    Returns the incomplete rest and, if one of them is ``connection.close`` or
+    ``channel.close``, the broker's reason; other frames (heartbeats, flow) are dropped.
+    """
+    while len(buf) >= 8:
+        ftype, _, size = _HEADER.unpack_from(buf)
+        if len(buf) < 8 + size:
+            break
+        payload = buf[7 : 7 + size]
+        buf = buf[8 + size :]
+        if ftype == 1 and _METHOD.unpack_from(payload) in ((10, 50), (20, 40)):
+            return buf, RawPublisher._close_reason(payload)
+    return buf, None
 
 
 @dataclass

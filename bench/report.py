@@ -244,7 +244,33 @@ _METHOD = """\
 """
 
 
+def relative_paths(obj: Any, root: Path) -> Any:
+    """``obj`` (JSON data) with ``root/`` cut out of every string: paths relative to the checkout.
+
+    Results are committed; the absolute path of whoever ran the bench means nothing elsewhere.
+    """
+    prefix = f"{root}/"
+    if isinstance(obj, str):
+        return obj.replace(prefix, "")
+    if isinstance(obj, list):
+        return [relative_paths(x, root) for x in obj]
+    if isinstance(obj, dict):
+        return {k: relative_paths(v, root) for k, v in obj.items()}
+    return obj
+
+
+def checkout_of(doc: dict[str, Any]) -> Path:
+    """The checkout a results document was made in (its log folder is ``<checkout>/bench/logs``)."""
+    logdir = Path(str(doc.get("config", {}).get("logdir", "")))
+    return logdir.parent.parent if logdir.is_absolute() else Path(__file__).resolve().parent.parent
+
+
+#: the soak's page, linked from the results page when it exists
+SOAK_PAGE = "SOAK.md"
+
+
 def write_markdown(path: Path, doc: dict[str, Any]) -> None:
+    doc = relative_paths(doc, checkout_of(doc))
     m = doc["machine"]
     parts = [
         "# towerws benchmark results",
@@ -254,6 +280,8 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
         + ").",
         "",
         *([f"**Note:** {doc['note']}", ""] if doc.get("note") else []),
+        *([f"Long-running behaviour (memory, open files, groups, bindings under client churn): "
+           f"[the soak]({SOAK_PAGE}).", ""] if (path.parent / SOAK_PAGE).exists() else []),
         "## Machine",
         "",
         f"- CPU: {m['cpu']}, {m['cores']} cores; RAM {m['ram_gib']} GiB; Linux {m['kernel']}",
@@ -267,6 +295,7 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
                  [[t["target"], t["shown"], "met" if t["met"] else ("NOT met" if t["met"] is False else "-")]
                   for t in doc["targets"]]),
         "",
+        *plot_section(doc, path),
     ]
     for name, res in doc["results"].items():
         parts += [f"## {name}", ""]
@@ -283,6 +312,146 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
     parts.append(_METHOD.format(trial=doc["config"]["trial_duration"], limit=doc["config"]["latency_limit"] * 1e3,
                                 runs=doc["config"]["runs"]))
     path.write_text("\n".join(parts))
+
+
+# -- plots -----------------------------------------------------------------------------
+
+#: scenarios with a rate search, in the order they are drawn, and their colours
+_RATE_SCENARIOS = (("fanout", "towerws fanout", "tab:blue"), ("ceiling", "ceiling (plain Twisted)", "tab:gray"),
+                   ("many-groups", "towerws many-groups", "tab:orange"))
+
+
+def plot_section(doc: dict[str, Any], page: Path) -> list[str]:
+    """Draw the figures next to ``page`` (``<stem>-frames.png``, ...); the markdown that shows them."""
+    from bench import plots
+
+    results = doc["results"]
+    drawn: list[tuple[str, Path]] = []
+    try:
+        figures = (("frames", "Delivered frames/s against clients (towerws vs the ceiling)", _plot_frames),
+                   ("latency", "End-to-end latency at half the maximum rate, and in slow-client", _plot_latency),
+                   ("slow-client-rss", "Server RSS while 10 clients stall (slow-client)", _plot_slow_rss))
+        for suffix, title, draw in figures:
+            path = page.parent / f"{page.stem}-{suffix}.png"
+            if draw(results, path):
+                drawn.append((title, path))
+    except ImportError as exc:
+        return ["## Plots", "", f"Not drawn: {exc} (`pip install -e '.[bench]'`).", ""]
+    if not drawn:
+        return []
+    out = ["## Plots", ""]
+    for title, path in drawn:
+        out += [f"![{title}]({plots.link(path, page)})", ""]
+    return out
+
+
+def _rate_points(results: dict[str, Any], name: str, key: str) -> tuple[list[int], list[float], list[list[float]]]:
+    """Sizes, medians and every run's value of ``key`` (e.g. ``max_fps``) of a rate-search scenario."""
+    res = results.get(name) or {}
+    sizes, medians, runs = [], [], []
+    for c in (res.get("params") or {}).get("sizes", []):
+        m = _get(res, str(c), "median")
+        if not m or key not in m:
+            continue
+        sizes.append(c)
+        medians.append(m[key])
+        runs.append([r[key] for r in _get(res, str(c), "runs") or [] if r.get("found")])
+    return sizes, medians, runs
+
+
+def _plot_frames(results: dict[str, Any], path: Path) -> bool:
+    from bench.plots import WIDTH, pyplot, save
+
+    if not any(results.get(n) and "error" not in results[n] for n, _, _ in _RATE_SCENARIOS):
+        return False
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(WIDTH, 4.0))
+    for name, label, colour in _RATE_SCENARIOS:
+        sizes, medians, runs = _rate_points(results, name, "max_fps")
+        if not sizes:
+            continue
+        left.plot(sizes, medians, marker="o", color=colour, label=f"{label} (median)")
+        for c, values in zip(sizes, runs, strict=True):
+            left.scatter([c] * len(values), values, color=colour, alpha=0.35, s=12)
+        per = [(c, m.get("max_fps", 0) / m["server_cpu"]) for c in sizes
+               if (m := _get(results, name, str(c), "median")) and m.get("server_cpu")]
+        right.plot([c for c, _ in per], [v for _, v in per], marker="o", color=colour, label=label)
+    left.set_title("delivered frames/s at the highest passing rate\n(dots: each run)", fontsize=9)
+    right.set_title("frames/s per server core\n(delivered frames/s / server CPU)", fontsize=9)
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xlabel("clients C")
+        ax.grid(alpha=0.3, which="both")
+        ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v / 1000:,.0f}k"))
+        ax.legend(fontsize=8)
+        ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    save(fig, path)
+    return True
+
+
+def _plot_latency(results: dict[str, Any], path: Path) -> bool:
+    from bench.plots import WIDTH, pyplot, save
+
+    labels: list[str] = []
+    rows: list[tuple[float, float, float]] = []
+    for name, _, _ in _RATE_SCENARIOS:
+        for c in (_get(results, name, "params") or {}).get("sizes", []):
+            half = _get(results, name, str(c), "median", "half")
+            if half:
+                labels.append(f"{name}\nC={c:,}")
+                rows.append((half["p50_ms"], half["p99_ms"], half["max_ms"]))
+    slow = _get(results, "slow-client", "median")
+    if slow:
+        for phase in ("baseline", "stalled"):
+            p = slow[phase]
+            labels.append(f"slow-client\n{phase}")
+            rows.append((p["p50_ms"], p["p99_ms"], p["max_ms"]))
+    if not rows:
+        return False
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(WIDTH, 4.2))
+    width = 0.27
+    for k, (stat, colour) in enumerate((("p50", "tab:green"), ("p99", "tab:orange"), ("max", "tab:red"))):
+        xs = [i + (k - 1) * width for i in range(len(rows))]
+        ax.bar(xs, [r[k] for r in rows], width, label=stat, color=colour)
+    ax.axhline(50, color="k", linestyle=":", linewidth=1, label="fanout C=1,000 p99 target (50 ms)")
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (log scale)")
+    ax.set_title("end-to-end latency, scheduled send to receipt (medians of the runs): at half the maximum "
+                 "rate; slow-client at its fixed rate", fontsize=9)
+    ax.grid(alpha=0.3, axis="y", which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, path)
+    return True
+
+
+def _plot_slow_rss(results: dict[str, Any], path: Path) -> bool:
+    from bench.plots import WIDTH, pyplot, save
+
+    slow = results.get("slow-client")
+    if not slow or "error" in slow or not any(r.get("rss_series") for r in slow["runs"]):
+        return False
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.2))
+    start = None
+    for i, r in enumerate(slow["runs"]):
+        series = r.get("rss_series") or []
+        ax.plot([t for t, _ in series], [m for _, m in series], label=f"run {i + 1}")
+        start = series[0][1] if series and start is None else start
+    k = slow["params"]["stalled"]
+    if start is not None:
+        ax.axhline(start + k * 4 + 50, color="k", linestyle=":", linewidth=1,
+                   label=f"growth limit ({k} x 4 MiB + 50 MiB above run 1's start)")
+    ax.set_xlabel("seconds into the stalled phase")
+    ax.set_ylabel("server RSS (MiB)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, path)
+    return True
 
 
 def _profile_md(name: str, prof: dict[str, Any]) -> list[str]:

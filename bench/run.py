@@ -26,13 +26,26 @@ from bench.scenarios import SCENARIOS, Config
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
-def _commit() -> str:
+def git_commit() -> str:
+    """``git describe --always --dirty`` of the checkout ("?" without git)."""
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT,
                              timeout=10)
     except OSError:
         return "?"
     return out.stdout.strip() or "?"
+
+
+def doc_head(module: str, argv: list[str] | None, note: str | None, broker: str) -> dict[str, Any]:
+    """The first fields of a results document: the exact command, the note, when, which commit, what machine."""
+    args = argv if argv is not None else sys.argv[1:]
+    return {
+        "command": f"python -m {module} {' '.join(shlex.quote(a) for a in args)}".strip(),
+        "note": note,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "machine": report.machine(broker),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,13 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
-    command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     doc: dict[str, Any] = {
-        "command": command.strip(),
-        "note": args.note,
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _commit(),
-        "machine": report.machine(broker),
+        **doc_head("bench.run", argv, args.note, broker),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
         "results": {},
     }
@@ -109,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in doc["targets"]:
         verdict = "met" if t["met"] else ("NOT met" if t["met"] is False else "-")
         print(f"  {verdict:8} {t['target']}: {t['shown']}")
+    doc = report.relative_paths(doc, ROOT)
     out.write_text(json.dumps(doc, indent=1))
     report.write_markdown(markdown, doc)
     print(f"\nresults: {out}, {markdown} ({doc['elapsed_s']:.0f} s)")
