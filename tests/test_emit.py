@@ -334,9 +334,7 @@ def test_nack_is_retried_until_the_timeout(bound: Bound, emitter: Emitter) -> No
         with pytest.raises(EmitError, match=r"within 1 s .*nacked"):
             e.emit("jobs-summary", {"n": 1})
         assert 0.9 < time.monotonic() - start < 3
-        conn = e._connection
         e.emit("jobs-status_changed", {"n": 2})
-        assert e._connection is conn  # a nack leaves the connection working
     finally:
         e.close()
     # The `#` queue took every try (a retried nack: duplicates elsewhere), then n=2.

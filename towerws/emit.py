@@ -29,7 +29,7 @@ Delivery: each publish waits for a publisher confirm, so a return means a node o
 cluster accepted the message. A connection that is lost (before or while publishing), a
 node that cannot be reached or does not answer within a couple of seconds
 (:data:`ATTEMPT_TIMEOUT`), or a broker that refuses (nacks) the message: the message is
-sent again, on the next node (on the same connection after a nack), until one confirms it
+sent again, on the next node, until one confirms it
 or the ``timeout`` (the whole budget of one publish) is spent; only then does the caller
 get :class:`EmitError`. If a connection died after the broker had already taken the
 message, subscribers may see it twice (at-least-once). A missing exchange, a refused
@@ -143,7 +143,7 @@ def dumps(payload: Any) -> bytes:
 #: node is tried.  A refused port costs ~10 ms; a blackholed address or a node that accepts
 #: TCP and says nothing costs this.
 ATTEMPT_TIMEOUT = 2.0
-#: seconds between two tries of a message the broker refused (nack) on a working connection
+#: seconds before a message the broker refused (nack) is sent again (on the next node)
 RETRY_PAUSE = 0.2
 #: the pause after a failed pass over every node doubles from this up to MAX_PASS_PAUSE
 FIRST_PASS_PAUSE = 0.1
@@ -192,11 +192,11 @@ _emitters: weakref.WeakSet[Emitter] = weakref.WeakSet()
 class _Retry(Exception):
     """One try failed in a way another try may fix; ``reason`` is one line without a password."""
 
-    def __init__(self, reason: str, *, same_connection: bool = False) -> None:
+    def __init__(self, reason: str, *, pause: float = 0.0) -> None:
         super().__init__(reason)
         self.reason = reason
-        #: the connection still works (a nack): try again there after RETRY_PAUSE
-        self.same_connection = same_connection
+        #: seconds to wait before the next try
+        self.pause = pause
 
 
 class Emitter:
@@ -356,18 +356,15 @@ class Emitter:
                 except _Retry as exc:
                     why[str(node)] = exc.reason
                     retry = exc
-                if retry.same_connection:
-                    wait = RETRY_PAUSE
-                else:
-                    self._discard()
-                    # The next node: after a connection that had worked (lost while idle)
-                    # at once, after a whole pass of failed ones a pause.
-                    self._index = (self._index + 1) % len(self._nodes)
-                    wait = 0.0
-                    if not reused:
-                        failed_connects += 1
-                        if failed_connects % len(self._nodes) == 0:
-                            wait, pause = pause, min(MAX_PASS_PAUSE, pause * 2)
+                self._discard()
+                # The next node: after a connection that had worked (lost while idle)
+                # at once, after a whole pass of failed ones a pause.
+                self._index = (self._index + 1) % len(self._nodes)
+                wait = retry.pause
+                if not reused:
+                    failed_connects += 1
+                    if failed_connects % len(self._nodes) == 0:
+                        wait, pause = max(wait, pause), min(MAX_PASS_PAUSE, pause * 2)
                 # A last try just before the deadline rather than none after it.
                 remaining = deadline - clock() - LAST_TRY_MARGIN
                 wait = min(wait, remaining)
@@ -375,8 +372,8 @@ class Emitter:
                     details = "; ".join(f"{n}: {reason}" for n, reason in why.items())
                     raise EmitError(f"no AMQP broker node confirmed the message for exchange '{self.exchange}' "
                                     f"within {self.timeout:g} s ({details})") from retry.__cause__
-                log.info("publishing via %s failed: %s; reconnecting%s", node, retry.reason,
-                         "" if retry.same_connection else f" to {self._nodes[self._index]}")
+                log.info("publishing via %s failed: %s; reconnecting to %s", node, retry.reason,
+                         self._nodes[self._index])
                 if wait:
                     # A backoff between tries, not a synchronisation: nothing to wait for.
                     time.sleep(wait)
@@ -411,8 +408,10 @@ class Emitter:
                                 f"'{self.exchange}': {self._detail(exc)}") from exc
             raise _Retry(f"channel closed ({self._detail(exc)})") from exc
         except pika.exceptions.NackError as exc:
-            raise _Retry(f"refused (nacked) the message for exchange '{self.exchange}'",
-                         same_connection=True) from exc
+            # Again on a new connection (the next node), a moment later: a channel whose
+            # quorum queue's leader died can go on nacking for as long as it lives
+            # (RabbitMQ 3.10: 10 s and more, measured); a new channel finds the new leader.
+            raise _Retry(f"refused (nacked) the message for exchange '{self.exchange}'", pause=RETRY_PAUSE) from exc
         except pika.exceptions.ConnectionBlockedTimeout as exc:
             self._drop()  # pika has closed it
             raise EmitError(f"the AMQP broker {address} blocked publishing (resource alarm?); a resource "

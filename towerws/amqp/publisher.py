@@ -305,7 +305,10 @@ class Publisher:
                 attempt.last_error = str(exc)  # the channel is gone: a new connection brings a new one
             except Nacked as exc:
                 attempt.last_error = str(exc)
-                # The connection works; the queue refused it (e.g. no quorum yet): again, a moment later.
+                # Again on a new connection (the next node), a moment later: a channel whose
+                # quorum queue's leader died can go on nacking for as long as it lives
+                # (RabbitMQ 3.10: 10 s and more, measured), a new channel finds the new leader.
+                self._abandon(confirms, "the broker refused (nacked) a message")
                 await deferLater(self.reactor, RETRY_PAUSE, lambda: None)
             except PublishError as exc:
                 attempt.last_error = str(exc)
