@@ -405,3 +405,15 @@ def test_close_fails_waiting_publishes_and_stops_reconnecting() -> None:
     assert d[0].check(PublishError) and "closed" in d[0].getErrorMessage()
     assert clock.getDelayedCalls() == []
     assert outcome(publisher.publish("jobs-summary", b"{}"))[0].check(PublishError)
+
+
+def test_fails_over_again_and_again_round_the_list() -> None:
+    clock = Clock()
+    publisher = FakePublisher(clock, {"a": "ok", "b": "ok", "c": "ok"})
+    publisher.connect_now()
+    for expected in ["b", "c", "a", "b"]:
+        d = outcome(publisher.publish("jobs-summary", b"{}"))
+        publisher.client.lose()
+        assert publisher.address.host == expected
+        publisher.confirms.settle(1, multiple=False, ok=True)
+        assert d == [None]

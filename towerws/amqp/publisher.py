@@ -228,7 +228,9 @@ class Publisher:
         d: Deferred[None] = Deferred(self._gave_up)
         self._waiters.append(d)
         if self._reconnecting is None:
-            reconnecting = self._reconnecting = Deferred.fromCoroutine(self._reconnect())
+            reconnecting = Deferred.fromCoroutine(self._reconnect())
+            if not reconnecting.called:  # (it may have finished at once; then it is no longer running)
+                self._reconnecting = reconnecting
             reconnecting.addErrback(lambda failure: failure.trap(CancelledError))  # close() stops it
         return d
 
@@ -240,6 +242,7 @@ class Publisher:
             self._reconnecting.cancel()  # the next publish starts it again
 
     async def _reconnect(self) -> None:
+        """Passes over the nodes, with backoff between failed ones, until one connects or nobody waits."""
         passes = 0
         try:
             # Only while some publish waits: an idle publisher reconnects when next used.
