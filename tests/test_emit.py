@@ -8,23 +8,28 @@ a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import decimal
 import json
 import logging
 import os
+import random
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from conftest import AMQP_URL, ROOT, VENV_BIN, Bound, unique
+from brokerproxy import BrokerProxy
+from conftest import AMQP_URL, ROOT, VENV_BIN, Bound, aio_test, unique
 from towerws import emit
 from towerws.emit import EmitError, Emitter, configure, emit_channel_notification
 
@@ -252,10 +257,92 @@ def test_unreachable_broker_raises_emit_error_without_password() -> None:
     start = time.monotonic()
     with pytest.raises(EmitError) as info:
         e.emit("jobs-status_changed", {})
-    assert time.monotonic() - start < 4
+    # Tried again (a refused port costs ~10 ms) until the timeout, not beyond.
+    assert 0.9 < time.monotonic() - start < 4
     message = str(info.value)
-    assert "127.0.0.1:1" in message
+    assert "127.0.0.1:1" in message and "within 1 s" in message
     assert "secretpw" not in message and "secretpw" not in repr(e)
+
+
+class KeepOrder(random.Random):
+    """An rng whose shuffle keeps the URLs in the order given: which node is tried first is the test's choice."""
+
+    def shuffle(self, x: Any) -> None:  # type: ignore[override]
+        pass
+
+
+def test_refused_first_url_costs_milliseconds_and_the_next_is_used(bound: Bound,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="towerws.emit")
+    e = Emitter(f"{UNREACHABLE},{AMQP_URL}", bound.exchange, timeout=5, rng=KeepOrder())
+    try:
+        start = time.monotonic()
+        e.emit("jobs-status_changed", {"n": 1})
+        assert time.monotonic() - start < 1
+        assert e.node == "127.0.0.1:5672"
+        assert json.loads(bound.get(1)[0].body) == {"n": 1}
+        assert not any("secretpw" in r.getMessage() for r in caplog.records)
+    finally:
+        e.close()
+
+
+def test_silent_first_node_costs_one_attempt_timeout(bound: Bound) -> None:
+    # A listener that never accepts: the kernel completes the TCP handshake and then
+    # nothing answers, like a hung node (a blackholed address costs the same: socket_timeout).
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/%2F"
+        e = Emitter(f"{url},{AMQP_URL}", bound.exchange, timeout=5, rng=KeepOrder())
+        try:
+            start = time.monotonic()
+            e.emit("jobs-status_changed", {"n": 1})
+            elapsed = time.monotonic() - start
+        finally:
+            e.close()
+    assert emit.ATTEMPT_TIMEOUT - 0.1 < elapsed < emit.ATTEMPT_TIMEOUT + 1.5, elapsed
+    assert json.loads(bound.get(1)[0].body) == {"n": 1}
+
+
+@aio_test
+async def test_hung_node_mid_publish_costs_one_attempt_timeout(bound: Bound) -> None:
+    # The proxy's node hangs after the first message: pika alone would wait for the
+    # confirm until heartbeats notice (a minute); the watchdog gives up after one try.
+    proxy = await BrokerProxy().start()
+    e = Emitter(f"{proxy.url()},{AMQP_URL}", bound.exchange, timeout=5, rng=KeepOrder())
+    try:
+        await asyncio.to_thread(e.emit, "jobs-status_changed", {"n": 1})
+        assert e.node == f"127.0.0.1:{proxy.port}"
+        assert proxy.blackhole() == 1
+        start = time.monotonic()
+        await asyncio.to_thread(e.emit, "jobs-status_changed", {"n": 2})
+        elapsed = time.monotonic() - start
+        assert e.node == "127.0.0.1:5672"
+    finally:
+        await asyncio.to_thread(e.close)
+        await proxy.stop()
+    assert emit.ATTEMPT_TIMEOUT - 0.1 < elapsed < emit.ATTEMPT_TIMEOUT + 1.5, elapsed
+    assert [json.loads(m.body) for m in await asyncio.to_thread(bound.get, 2)] == [{"n": 1}, {"n": 2}]
+
+
+def test_nack_is_retried_until_the_timeout(bound: Bound, emitter: Emitter) -> None:
+    # A queue that rejects every publish: RabbitMQ nacks messages routed to it.
+    full = unique("towerws-full")
+    bound.channel.queue_declare(full, exclusive=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+    bound.channel.queue_bind(full, bound.exchange, "jobs-summary")
+    e = Emitter(AMQP_URL, bound.exchange, timeout=1)
+    try:
+        start = time.monotonic()
+        with pytest.raises(EmitError, match=r"within 1 s .*nacked"):
+            e.emit("jobs-summary", {"n": 1})
+        assert 0.9 < time.monotonic() - start < 3
+        e.emit("jobs-status_changed", {"n": 2})
+    finally:
+        e.close()
+    # The `#` queue took every try (a retried nack: duplicates elsewhere), then n=2.
+    bodies = [json.loads(m.body) for m in bound.get(3)]
+    while (msg := bound.get_now()) is not None:
+        bodies.append(json.loads(msg.body))
+    assert bodies[-1] == {"n": 2} and all(b == {"n": 1} for b in bodies[:-1]), bodies
+
 
 
 def test_configure_none_reads_environment(bound: Bound, monkeypatch: pytest.MonkeyPatch) -> None:

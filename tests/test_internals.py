@@ -1,9 +1,9 @@
 """Tripwires: the library internals towerws's adapters rely on are still there and still behave.
 
 One test (or more) per adapter function.  When an upgrade of Twisted, Autobahn
-or txAMQP changes an internal, the failing test names it and the adapter to
+txAMQP or pika changes an internal, the failing test names it and the adapter to
 fix: ``towerws/twisted_internals.py``, ``towerws/websocket/autobahn_internals.py``,
-``towerws/amqp/txamqp_internals.py``.  No network, no broker.
+``towerws/amqp/txamqp_internals.py``, ``towerws/pika_internals.py``.  No network, no broker.
 """
 
 from __future__ import annotations
@@ -274,3 +274,25 @@ def test_txamqp_calls_our_hooks() -> None:
     assert "self.frame_received" in inspect.getsource(AMQClient.dataReceived), (
         "AMQClient.dataReceived no longer hands frames to frame_received (BrokerProtocol replaces it)"
     )
+
+
+# -- pika ---------------------------------------------------------------------------------------------
+# (what the watchdog does with them is tested against the broker:
+# tests/test_emit.py::test_hung_node_mid_publish_costs_one_attempt_timeout)
+
+
+@pytest.mark.parametrize("name", ["_adapter_call_later", "_adapter_remove_timeout", "_terminate_stream",
+                                  "add_on_connection_blocked_callback", "add_on_connection_unblocked_callback"])
+def test_pika_connection_internals_exist(name: str) -> None:
+    from pika.adapters.select_connection import SelectConnection
+
+    assert callable(getattr(SelectConnection, name, None)), f"pika SelectConnection.{name} is gone: see pika_internals"
+
+
+def test_pika_blocking_connection_wraps_a_select_connection_as_impl() -> None:
+    import inspect
+
+    from pika.adapters.blocking_connection import BlockingConnection
+
+    source = inspect.getsource(BlockingConnection.__init__)
+    assert "self._impl = self._create_connection(" in source, "pika BlockingConnection._impl moved: see pika_internals"

@@ -18,7 +18,8 @@ from conftest import ROOT
 PACKAGE = ROOT / "towerws"
 WEBSOCKET, AMQP = "towerws.websocket", "towerws.amqp"
 #: the adapters: the only modules allowed to touch a library's private names
-ADAPTERS = {"towerws.twisted_internals", "towerws.websocket.autobahn_internals", "towerws.amqp.txamqp_internals"}
+ADAPTERS = {"towerws.twisted_internals", "towerws.websocket.autobahn_internals", "towerws.amqp.txamqp_internals",
+            "towerws.pika_internals"}
 #: the modules that wire or re-export both sides
 ABOVE_THE_WINGS = {"towerws.app", "towerws.publish"}
 

@@ -20,10 +20,20 @@ is an ISO 8601 duration in Django's format, e.g. ``P1DT02H03M04.500000S``; ``Dec
 and ``UUID`` are strings. NaN and infinities are refused (browsers' ``JSON.parse``
 cannot read them). Anything that cannot be serialised raises ``TypeError`` before any I/O.
 
-Delivery: each publish waits for the broker's publisher confirm, so a return means the
-broker accepted the message. After the broker dropped the connection the publish is
-retried once on a fresh connection; if the first connection died after the broker had
-already taken the message, subscribers may see it twice (at-least-once).
+Brokers: ``TOWERWS_AMQP_URL`` / ``--amqp-url`` is one URL or a comma-separated list, one per
+node of a RabbitMQ cluster, as the server's ``--amqp-url``. The emitter connects to one node
+(in a random order, so a fleet of processes spreads over the cluster) and keeps that
+connection.
+
+Delivery: each publish waits for a publisher confirm, so a return means a node of the
+cluster accepted the message. A connection that is lost (before or while publishing), a
+node that cannot be reached or does not answer within a couple of seconds
+(:data:`ATTEMPT_TIMEOUT`), or a broker that refuses (nacks) the message: the message is
+sent again, on the next node, until one confirms it
+or the ``timeout`` (the whole budget of one publish) is spent; only then does the caller
+get :class:`EmitError`. If a connection died after the broker had already taken the
+message, subscribers may see it twice (at-least-once). A missing exchange, a refused
+permission and a resource alarm fail at once: every node of a cluster would answer the same.
 
 Command line::
 
@@ -43,9 +53,11 @@ import decimal
 import json
 import logging
 import os
+import random
 import ssl
 import sys
 import threading
+import time
 import uuid
 import weakref
 from typing import Any
@@ -53,9 +65,11 @@ from typing import Any
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from towerws import messages
-from towerws.broker_urls import DEFAULT_AMQP_URL, AMQPAddress, amqp_address, redact_url
+from towerws.pika_internals import Blocked, Watchdog
+from towerws.broker_urls import DEFAULT_AMQP_URL, AMQPAddress, brokers, redact_url
 from towerws.messages import check_group as _check_group
 
 __all__ = ["DEFAULT_AMQP_URL", "DEFAULT_EXCHANGE", "DEFAULT_TIMEOUT", "EmitError", "Emitter",
@@ -124,9 +138,22 @@ def dumps(payload: Any) -> bytes:
 
 # -- the emitter -----------------------------------------------------------------------------
 
+#: seconds one try may take (connect, or open a channel and wait for the confirm): an
+#: unreachable or hung node costs at most this much of a publish's budget, then the next
+#: node is tried.  A refused port costs ~10 ms; a blackholed address or a node that accepts
+#: TCP and says nothing costs this.
+ATTEMPT_TIMEOUT = 2.0
+#: seconds before a message the broker refused (nack) is sent again (on the next node)
+RETRY_PAUSE = 0.2
+#: the pause after a failed pass over every node doubles from this up to MAX_PASS_PAUSE
+FIRST_PASS_PAUSE = 0.1
+MAX_PASS_PAUSE = 1.0
+#: no new try in the last seconds of a publish's budget: it could not finish
+LAST_TRY_MARGIN = 0.05
 
-def _connection_parameters(address: AMQPAddress, timeout: float) -> pika.ConnectionParameters:
-    """pika's parameters for ``address``: every wait bounded by ``timeout``, one attempt."""
+
+def _connection_parameters(address: AMQPAddress, attempt: float, blocked: float) -> pika.ConnectionParameters:
+    """pika's parameters for ``address``: connection setup bounded by ``attempt``, one attempt."""
     tls = None
     if address.tls:
         tls = pika.SSLOptions(ssl.create_default_context(), server_hostname=address.host)
@@ -136,58 +163,97 @@ def _connection_parameters(address: AMQPAddress, timeout: float) -> pika.Connect
         virtual_host=address.vhost,
         credentials=pika.PlainCredentials(address.username, address.password),
         ssl_options=tls,
-        # Every wait in connection setup is bounded, and a broker that blocks publishers
-        # (resource alarm) fails the publish instead of hanging the web request.
-        socket_timeout=timeout,
-        stack_timeout=timeout,
-        blocked_connection_timeout=timeout,
+        # socket_timeout bounds the TCP connect (what an unreachable host costs),
+        # stack_timeout the whole setup (TLS, AMQP handshake) of a node that accepts
+        # and then says nothing.  A connection blocked for longer than ``blocked``
+        # (resource alarm) is closed by pika, so a later publish starts afresh.
+        socket_timeout=attempt,
+        stack_timeout=attempt,
+        blocked_connection_timeout=blocked,
         connection_attempts=1,
     )
 
 
-# Errors meaning the connection is gone (reset, closed by the broker, heartbeat missed):
-# worth one reconnect and retry. ConnectionBlockedTimeout (an AMQPConnectionError) is
-# turned into EmitError first, in _publish_once: the broker is up but out of resources,
-# and a retry would only double the wait.
+# Errors meaning the connection is gone (reset, closed by the broker, heartbeat missed,
+# no answer in time): the message is sent again, on the next node.
+# ConnectionBlockedTimeout (an AMQPConnectionError) is turned into EmitError first, in
+# _publish_once: a resource alarm blocks publishers on every node of a RabbitMQ
+# cluster, so another node would only make the caller wait longer.
 _CONNECTION_LOST = (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelWrongStateError, OSError)
+
+#: channel.close reply codes that are the cluster's definite answer for this exchange
+#: (404 NOT_FOUND: it does not exist; 403 ACCESS_REFUSED: no write permission).  Exchanges
+#: and permissions are cluster-wide, so every node would say the same: fail at once.
+_REFUSED_FOR_GOOD = (403, 404)
 
 _emitters: weakref.WeakSet[Emitter] = weakref.WeakSet()
 
 
+class _Retry(Exception):
+    """One try failed in a way another try may fix; ``reason`` is one line without a password."""
+
+    def __init__(self, reason: str, *, pause: float = 0.0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        #: seconds to wait before the next try
+        self.pause = pause
+
+
 class Emitter:
-    """A publisher with one lazily opened connection and channel, safe across threads and fork."""
+    """A publisher with one lazily opened connection to one node of a list, safe across threads and fork.
+
+    ``amqp_url`` is one broker URL or a comma-separated list, one per node of a RabbitMQ
+    cluster (:func:`towerws.broker_urls.brokers`).  The nodes are tried in a random order
+    (so a fleet of processes spreads over the cluster), the next one after a failure.
+    ``timeout`` is each publish's whole budget: it returns once a node confirmed the
+    message, trying node after node until then, and raises :class:`EmitError` only
+    when no node confirmed within ``timeout`` seconds (or the cluster refused the
+    message for good: a missing exchange, no permission, a resource alarm).
+    """
 
     def __init__(self, amqp_url: str = DEFAULT_AMQP_URL, exchange: str = DEFAULT_EXCHANGE,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, rng: random.Random | None = None) -> None:
         try:
             messages.check_name(exchange, "exchange name")
         except (TypeError, ValueError) as exc:
             raise ValueError(f"invalid exchange name {exchange!r}: {exc}") from None
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0, not {timeout!r}")
-        self.broker = redact_url(amqp_url)
         try:
-            address = amqp_address(amqp_url)
+            nodes = brokers(amqp_url)
         except ValueError as exc:
-            raise ValueError(f"invalid AMQP URL {self.broker}: {exc}") from None
-        self._password = address.password
-        self._params = _connection_parameters(address, timeout)
+            # brokers() never quotes a URL; redact_url shows a single one without its password.
+            where = "" if "," in amqp_url else f" {redact_url(amqp_url)}"
+            raise ValueError(f"invalid AMQP URL{where}: {exc}") from None
+        #: every node, without passwords (for messages)
+        self.broker = str(nodes)
+        self._nodes = nodes.shuffled(rng)
+        self._index = 0  # the node to connect to next (or connected to)
+        self._passwords = [a.password for a in nodes if len(a.password) >= 4]  # short ones would mangle words
         self.exchange = exchange
         self.timeout = timeout
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._connection: pika.BlockingConnection | None = None
         self._channel: BlockingChannel | None = None
+        self._blocked: Blocked | None = None
         self.connection_name: str | None = None
+        #: the node of the open connection (None while there is none)
+        self.address: AMQPAddress | None = None
         _emitters.add(self)
 
     def __repr__(self) -> str:
         return f"<Emitter {self.broker} exchange={self.exchange!r}>"
 
+    @property
+    def node(self) -> str | None:
+        """``host:port`` of the node of the open connection (None while there is none)."""
+        return self.address.node if self.address is not None else None
+
     # -- public API
 
     def emit(self, group: str, payload: Any) -> None:
-        """Serialise ``payload`` and publish it to ``group``, waiting for the broker's confirm."""
+        """Serialise ``payload`` and publish it to ``group``, waiting for a node's confirm."""
         _check_group(group)
         self._publish(group, dumps(payload))
 
@@ -219,22 +285,24 @@ class Emitter:
 
     def _discard(self) -> None:
         """Forget the connection, closing it first if pika still thinks it is open."""
-        conn = self._connection
+        conn, address = self._connection, self.address
         self._drop()
         if conn is not None and conn.is_open:
             try:
                 conn.close()
             except (pika.exceptions.AMQPError, OSError) as exc:
                 # Best effort: the broker cleans up a dead connection itself.
-                log.debug("closing the connection to %s failed: %s", self.broker, self._detail(exc))
+                log.debug("closing the connection to %s failed: %s", address, self._detail(exc))
 
     def _drop(self) -> None:
         self._connection = None
         self._channel = None
+        self._blocked = None
         self.connection_name = None
+        self.address = None
 
     def _detail(self, exc: BaseException) -> str:
-        """Describe a pika/socket error in one line, without the password."""
+        """Describe a pika/socket error in one line, without a password."""
         # pika wraps the socket error twice: AMQPConnectionError(AMQPConnector...Error(exception=OSError)).
         for _ in range(3):
             inner = exc.args[0] if len(exc.args) == 1 else None
@@ -248,77 +316,110 @@ class Emitter:
             text = exc.strerror
         else:
             text = str(exc) or repr(exc)
-        if len(self._password) >= 4:  # short ones would mangle ordinary words
-            text = text.replace(self._password, "***")
+        for password in self._passwords:
+            text = text.replace(password, "***")
         return f"{type(exc).__name__}: {text}".replace("\n", " ")
 
-    def _open(self) -> BlockingChannel:
-        """The channel, connecting first if needed; raises EmitError if the broker cannot be reached."""
-        if self._channel is not None and self._channel.is_open:
-            return self._channel
-        if self._connection is None or not self._connection.is_open:
-            self._drop()
-            # A recognisable name (with the pid) in the broker's connection list.
-            name = f"towerws-emit-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            self._params.client_properties = {"connection_name": name}
-            try:
-                self._connection = pika.BlockingConnection(self._params)
-            except (pika.exceptions.AMQPError, OSError) as exc:
-                raise EmitError(f"cannot connect to the AMQP broker {self.broker} "
-                                f"(timeout {self.timeout:g} s): {self._detail(exc)}") from exc
-            self.connection_name = name
+    def _connect(self, seconds: float) -> pika.BlockingConnection:
+        """The connection, opening one to the current node first (within ``seconds``) if needed."""
+        if self._connection is not None and self._connection.is_open:
+            return self._connection
+        self._drop()
+        address = self._nodes[self._index]
+        # A recognisable name (with the pid) in the broker's connection list.
+        name = f"towerws-emit-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        params = _connection_parameters(address, seconds, self.timeout)
+        params.client_properties = {"connection_name": name}
         try:
-            channel = self._connection.channel()
-            channel.confirm_delivery()
-        except (pika.exceptions.AMQPError, OSError) as exc:
-            self._discard()
-            raise EmitError(f"cannot open a channel on the AMQP broker {self.broker}: {self._detail(exc)}") from exc
-        self._channel = channel
-        return channel
+            connection = pika.BlockingConnection(params)
+        except (pika.exceptions.AMQPError, AMQPConnectorException, OSError) as exc:
+            # pika raises its connector's own errors (a stack timeout) as they are.
+            raise _Retry(f"cannot connect ({self._detail(exc)})") from exc
+        self._connection, self._blocked = connection, Blocked(connection)
+        self.connection_name, self.address = name, address
+        return connection
 
     def _publish(self, group: str, body: bytes) -> None:
         with self._lock:
             self._forget_if_forked()
-            reused = self._channel is not None and self._channel.is_open
-            try:
-                self._publish_once(group, body)
-            except _CONNECTION_LOST as exc:
-                self._discard()
-                if not reused:
-                    raise self._lost(exc) from exc
-                # The broker dropped a connection that was idle since the last publish
-                # (restart, forced close, missed heartbeats): one fresh try.
-                log.info("connection to %s lost (%s); reconnecting", self.broker, self._detail(exc))
+            clock = time.monotonic
+            deadline = clock() + self.timeout
+            why: dict[str, str] = {}  # node -> why its last try failed, for the error
+            failed_connects = 0  # since the last working connection: a whole pass failed -> pause
+            pause = FIRST_PASS_PAUSE
+            while True:
+                reused = self._connection is not None and self._connection.is_open
+                node = self._nodes[self._index]
                 try:
-                    self._publish_once(group, body)
-                except _CONNECTION_LOST as exc2:
-                    self._discard()
-                    raise self._lost(exc2) from exc2
+                    self._publish_once(group, body, deadline)
+                    return
+                except _Retry as exc:
+                    why[str(node)] = exc.reason
+                    retry = exc
+                self._discard()
+                # The next node: after a connection that had worked (lost while idle)
+                # at once, after a whole pass of failed ones a pause.
+                self._index = (self._index + 1) % len(self._nodes)
+                wait = retry.pause
+                if not reused:
+                    failed_connects += 1
+                    if failed_connects % len(self._nodes) == 0:
+                        wait, pause = max(wait, pause), min(MAX_PASS_PAUSE, pause * 2)
+                # A last try just before the deadline rather than none after it.
+                remaining = deadline - clock() - LAST_TRY_MARGIN
+                wait = min(wait, remaining)
+                if remaining <= 0:
+                    details = "; ".join(f"{n}: {reason}" for n, reason in why.items())
+                    raise EmitError(f"no AMQP broker node confirmed the message for exchange '{self.exchange}' "
+                                    f"within {self.timeout:g} s ({details})") from retry.__cause__
+                log.info("publishing via %s failed: %s; reconnecting to %s", node, retry.reason,
+                         self._nodes[self._index])
+                if wait:
+                    # A backoff between tries, not a synchronisation: nothing to wait for.
+                    time.sleep(wait)
 
-    def _lost(self, exc: BaseException) -> EmitError:
-        return EmitError(f"lost the connection to the AMQP broker {self.broker} while publishing "
-                         f"to exchange '{self.exchange}': {self._detail(exc)}")
+    def _publish_once(self, group: str, body: bytes, deadline: float) -> None:
+        """One try on the current node, bounded by ATTEMPT_TIMEOUT and ``deadline``."""
+        def seconds() -> float:
+            return max(0.001, min(ATTEMPT_TIMEOUT, deadline - time.monotonic()))
 
-    def _publish_once(self, group: str, body: bytes) -> None:
-        channel = self._open()
-        props = pika.BasicProperties(content_type="application/json", delivery_mode=1)
+        connection = self._connect(seconds())
+        assert self._blocked is not None
+        address = self.address
+        # Opening the channel and the confirm wait have no time limit in pika: the watchdog's.
+        watchdog = Watchdog(connection, seconds(), self._blocked)
         try:
+            channel = self._channel
+            if channel is None or not channel.is_open:
+                self._channel = None
+                channel = connection.channel()
+                channel.confirm_delivery()
+                self._channel = channel
+            props = pika.BasicProperties(content_type="application/json", delivery_mode=1)
             # mandatory=False: a group nobody subscribes to is normal, not an error.
             channel.basic_publish(self.exchange, group, body, props, mandatory=False)
         except pika.exceptions.ChannelClosedByBroker as exc:
             self._channel = None  # the connection survives a channel error
             if exc.reply_code == 404:
-                raise EmitError(f"exchange '{self.exchange}' does not exist on the AMQP broker {self.broker} "
+                raise EmitError(f"exchange '{self.exchange}' does not exist on the AMQP broker {address} "
                                 f"(is towerws running?)") from exc
-            raise EmitError(f"the AMQP broker {self.broker} refused the message for exchange "
-                            f"'{self.exchange}': {self._detail(exc)}") from exc
+            if exc.reply_code in _REFUSED_FOR_GOOD:
+                raise EmitError(f"the AMQP broker {address} refused the message for exchange "
+                                f"'{self.exchange}': {self._detail(exc)}") from exc
+            raise _Retry(f"channel closed ({self._detail(exc)})") from exc
         except pika.exceptions.NackError as exc:
-            raise EmitError(f"the AMQP broker {self.broker} refused (nacked) the message for exchange "
-                            f"'{self.exchange}'") from exc
+            # Again on a new connection (the next node), a moment later: a channel whose
+            # quorum queue's leader died can go on nacking for as long as it lives
+            # (RabbitMQ 3.10: 10 s and more, measured); a new channel finds the new leader.
+            raise _Retry(f"refused (nacked) the message for exchange '{self.exchange}'", pause=RETRY_PAUSE) from exc
         except pika.exceptions.ConnectionBlockedTimeout as exc:
             self._drop()  # pika has closed it
-            raise EmitError(f"the AMQP broker {self.broker} blocked publishing for more than "
-                            f"{self.timeout:g} s (resource alarm?)") from exc
+            raise EmitError(f"the AMQP broker {address} blocked publishing (resource alarm?); a resource "
+                            f"alarm blocks publishers on every node of a cluster") from exc
+        except _CONNECTION_LOST as exc:
+            raise _Retry(f"lost the connection ({self._detail(exc)})") from exc
+        finally:
+            watchdog.disarm()
 
 
 def _after_fork_in_child() -> None:
@@ -436,11 +537,13 @@ def _parser() -> argparse.ArgumentParser:
                "publishes nothing. Exit status: 0 published, 1 broker unreachable or refused, "
                "2 invalid arguments or JSON.")
     parser.add_argument("--amqp-url", default=os.environ.get("TOWERWS_AMQP_URL") or DEFAULT_AMQP_URL,
-                        help="RabbitMQ URL (env TOWERWS_AMQP_URL; default " + DEFAULT_AMQP_URL.replace("%", "%%") + ")")
+                        help="RabbitMQ URL, or a comma-separated list of URLs, one per node of a cluster: "
+                             "a message is sent again to the next node until one confirms it "
+                             "(env TOWERWS_AMQP_URL; default " + DEFAULT_AMQP_URL.replace("%", "%%") + ")")
     parser.add_argument("--exchange", default=os.environ.get("TOWERWS_EXCHANGE") or DEFAULT_EXCHANGE,
                         help="exchange towerws consumes (env TOWERWS_EXCHANGE; default %(default)s)")
     parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT,
-                        help="seconds to wait for the broker (default %(default)g)")
+                        help="seconds one message may take until a broker node confirms it (default %(default)g)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print one line per published message")
     parser.add_argument("group", metavar="GROUP", help="group name = routing key, e.g. jobs-status_changed")
     parser.add_argument("payload", metavar="PAYLOAD", nargs="?", default="-",
@@ -487,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
             published += 1
             if args.verbose:
                 print(f"published {len(body)} bytes to exchange '{emitter.exchange}' "
-                      f"with routing key '{args.group}'", file=sys.stdout, flush=True)
+                      f"with routing key '{args.group}' via {emitter.node}", file=sys.stdout, flush=True)
     except EmitError as exc:
         progress = f" ({published} of {len(bodies)} messages were published)" if len(bodies) > 1 else ""
         return fail(1, f"{exc}{progress}")

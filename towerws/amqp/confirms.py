@@ -30,6 +30,18 @@ from towerws.bus import PublishError
 PROPERTIES = {"content-type": "application/json", "delivery-mode": 1}
 
 
+class Nacked(PublishError):
+    """The broker refused (nacked) the message; the channel still works."""
+
+
+class ChannelRefused(PublishError):
+    """The broker closed the confirm-mode channel (``reply_code``, e.g. 404: no such exchange)."""
+
+    def __init__(self, message: str, reply_code: int):
+        super().__init__(message)
+        self.reply_code = reply_code
+
+
 class Confirms:
     """The messages in flight on one confirm-mode channel, by delivery tag."""
 
@@ -100,7 +112,7 @@ class Confirms:
             if ok:
                 d.callback(None)
             else:
-                d.errback(PublishError(f"the broker refused (nacked) the message for exchange '{self.exchange}'"))
+                d.errback(Nacked(f"the broker refused (nacked) the message for exchange '{self.exchange}'"))
 
     def fail(self, error: PublishError) -> None:
         """The channel is gone: fail every message in flight and every later publish."""
@@ -138,7 +150,8 @@ class ConfirmDelegate(TwistedDelegate):
         super().channel_close(ch, msg)
         if confirms is not None:
             # e.g. "404 NOT_FOUND - no exchange 'x' in vhost '/'"
-            confirms.fail(PublishError(f"the broker closed the publishing channel: {msg.reply_code} {msg.reply_text}"))
+            confirms.fail(ChannelRefused(f"the broker closed the publishing channel: {msg.reply_code} {msg.reply_text}",
+                                         msg.reply_code))
 
     def close(self, reason: Any) -> None:
         confirms, self.confirms = self.confirms, {}
