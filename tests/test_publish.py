@@ -1,5 +1,7 @@
-"""towerws.publish.Publisher (txAMQP, publisher confirms) against the real broker, and
-towerws.confirms' bookkeeping of delivery tags with a fake channel and a Clock.
+"""towerws.publish.Publisher (txAMQP, publisher confirms) against the real broker.
+
+Without a broker: the Publisher's own contract in ``test_amqp_publisher.py``, the bookkeeping
+of delivery tags in ``test_amqp_confirms.py``.
 
 Each test publishes to an exchange of its own with an exclusive queue bound to it
 (the ``bound`` fixture); a confirmed publish is already queued, so reads need no sleeps.
@@ -12,11 +14,8 @@ import json
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import Clock
 
 from conftest import AMQP_URL, Bound, aio_test, unique, wait
-from towerws.amqp.confirms import Confirms
 from towerws.bus import PublishError
 from towerws.messages import InvalidBody
 from towerws.publish import Publisher
@@ -140,48 +139,3 @@ async def test_silent_broker_times_out() -> None:
             await wait(Publisher.connect(f"amqp://guest:guest@127.0.0.1:{port}/%2F", "towerws", timeout=0.5))
     finally:
         server.close()
-
-
-# -- delivery-tag bookkeeping (no broker) ------------------------------------------------------------
-
-
-class FakeChannel:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes]] = []
-
-    def basic_publish(self, exchange: str, routing_key: str, content: Any) -> Deferred:
-        self.sent.append((routing_key, content.body))
-        return succeed(None)
-
-
-def outcome(d: Deferred) -> list:
-    seen: list = []
-    d.addBoth(seen.append)
-    return seen
-
-
-def test_acks_single_and_multiple_nack_and_timeout() -> None:
-    clock = Clock()
-    confirms = Confirms(FakeChannel(), "ex", clock, timeout=5)
-    results = [outcome(confirms.publish("g", b"{}")) for _ in range(5)]  # tags 1..5
-    confirms.settle(2, multiple=False, ok=True)
-    assert [bool(r) for r in results] == [False, True, False, False, False]
-    confirms.settle(3, multiple=True, ok=True)  # 1 and 3 (2 is done)
-    assert [bool(r) for r in results] == [True, True, True, False, False]
-    confirms.settle(4, multiple=False, ok=False)
-    assert results[3][0].check(PublishError) and "nacked" in results[3][0].getErrorMessage()
-    assert results[0] == results[1] == results[2] == [None]
-    clock.advance(5)  # tag 5 never answered
-    assert results[4][0].check(PublishError) and "within 5 s" in results[4][0].getErrorMessage()
-    assert confirms.in_flight == 0
-    confirms.settle(5, multiple=True, ok=True)  # a late ack is ignored
-    assert clock.getDelayedCalls() == []
-
-
-def test_channel_failure_fails_pending_and_later_publishes() -> None:
-    confirms = Confirms(FakeChannel(), "ex", Clock(), timeout=5)
-    pending = outcome(confirms.publish("g", b"{}"))
-    confirms.fail(PublishError("channel closed"))
-    assert pending[0].check(PublishError)
-    later = outcome(confirms.publish("g", b"{}"))
-    assert later[0].value is confirms.error
