@@ -64,31 +64,33 @@ def test_a_broker_less_node_reports_its_status(tokens: str) -> None:
     }
 
 
-def test_a_broker_less_node_is_never_ready_even_running(tokens: str) -> None:
-    # docs/operations.md: readiness requires a consuming broker connection.
+def test_a_running_broker_less_node_is_ready(tokens: str) -> None:
+    # docs/operations.md: ready means running and the bus ready; the local bus always is.
     svc, _ = node(tokens)
-    assert not svc.ready()
+    assert svc.ready() is False
+    assert get(svc.site, b"readyz")[0] == 503  # not started yet
     Service.startService(svc)  # running, without starting the listener
     try:
-        assert svc.running and svc.ready() is False and svc.status()["status"] == "not ready"
-        assert get(svc.site, b"readyz") == (503, json.dumps(svc.status()).encode() + b"\n")
+        assert svc.ready() is True and svc.status()["status"] == "ready" and svc.status()["amqp"] == "disabled"
+        assert get(svc.site, b"readyz") == (200, json.dumps(svc.status()).encode() + b"\n")
     finally:
         Service.stopService(svc)
+    assert svc.ready() is False  # shutting down
 
 
-def test_ready_needs_a_running_node_and_a_consuming_bus(tokens: str) -> None:
+def test_ready_needs_a_running_node_and_a_ready_bus(tokens: str) -> None:
     svc, _ = node(tokens)
 
-    class ConsumingBus(LocalBus):
-        state = "consuming"
-        broker = "rabbit-1:5672"
+    class BrokerBus(LocalBus):  # stands in for the AMQP bus: its own idea of ready
+        state, ready, broker = "connecting", False, None
 
-    svc.bus = ConsumingBus(svc.hub)
-    assert not svc.ready()  # not running yet
+    bus = svc.bus = BrokerBus(svc.hub)
     Service.startService(svc)
+    assert svc.ready() is False and svc.status()["amqp"] == "connecting"
+    bus.state, bus.ready, bus.broker = "consuming", True, "rabbit-1:5672"
     assert svc.ready() is True and svc.status()["status"] == "ready" and svc.status()["broker"] == "rabbit-1:5672"
     Service.stopService(svc)  # the first step of a shutdown
-    assert not svc.ready()
+    assert svc.ready() is False
 
 
 def test_ops_endpoints_on_the_public_site_or_only_on_their_own(tokens: str) -> None:

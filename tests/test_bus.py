@@ -47,7 +47,8 @@ def bus(hub: Hub) -> LocalBus:
 
 def test_local_bus_has_everything_the_bus_interface_declares(bus: LocalBus) -> None:
     declared = set(Bus.__annotations__) | {
-        name for name, value in vars(Bus).items() if callable(value) and not name.startswith("_")
+        name for name, value in vars(Bus).items()
+        if (callable(value) or isinstance(value, property)) and not name.startswith("_")
     }
     assert {"state", "ready", "broker", "bound_count", "publish", "when_bound", "when_ready"} <= declared
     missing = sorted(name for name in declared if not hasattr(bus, name))
