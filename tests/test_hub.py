@@ -67,9 +67,9 @@ def test_activation_only_on_first_and_last_subscriber(hub: Hub, events: Events) 
     assert hub.subscriber_count == 0
 
 
-def test_publish_frames_once_and_reaches_only_the_group(hub: Hub) -> None:
+def test_publish_frames_once_and_reaches_only_the_group() -> None:
     framed = []
-    hub._frame = lambda body: framed.append(body) or b"F" + body
+    hub = Hub(frame=lambda body: framed.append(body) or b"F" + body)
     a, b, c = Sub("a"), Sub("b"), Sub("c")
     hub.set_groups(a, ["g-1"])
     hub.set_groups(b, ["g-1", "g-2"])

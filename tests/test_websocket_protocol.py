@@ -1,5 +1,7 @@
-"""The websocket side without a network: routing of first requests, options, producer registration, the slow-consumer
-bound, and groups messages in a hurry (the last one wins, within the rate, in bounded memory)."""
+"""towerws.websocket.protocol without a network: options, producer registration, the slow-consumer bound, and
+groups messages in a hurry (the last one wins, within the rate, in bounded memory).
+
+Which first requests reach this protocol at all: ``test_websocket_web.py``."""
 
 from __future__ import annotations
 
@@ -22,25 +24,9 @@ from towerws.auth import AllowAll, Credentials, Decision, StaticTokenAuthenticat
 from towerws.bus import LocalBus
 from towerws.config import load
 from towerws.hub import Hub
-from towerws.websocket.web import is_websocket_upgrade
 from towerws.websocket.protocol import (
     CLOSE_TRY_AGAIN_LATER, SUPERSEDED, TowerFactory, TowerProtocol, text_frame,
 )
-
-
-@pytest.mark.parametrize("head, upgrade", [
-    (b"GET /websocket/?token=t HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade", True),
-    (b"GET /websocket HTTP/1.1\r\nupgrade:  WebSocket", True),
-    (b"GET /websocket/ HTTP/1.1\r\nHost: h", False),  # no Upgrade: Twisted Web answers 426
-    (b"GET /websocket/x HTTP/1.1\r\nUpgrade: websocket", True),  # Autobahn: 404
-    (b"GET /websocketx HTTP/1.1\r\nUpgrade: websocket", False),  # Twisted Web: 404
-    (b"POST /websocket/ HTTP/1.1\r\nUpgrade: websocket", False),
-    (b"GET /metrics HTTP/1.1\r\nUpgrade: websocket", False),
-    (b"\x16\x03\x01 garbage", False),
-    (b"", False),
-])
-def test_which_first_requests_go_straight_to_autobahn(head: bytes, upgrade: bool) -> None:
-    assert is_websocket_upgrade(head) is upgrade
 
 
 def make_protocol(**options: str) -> tuple[TowerProtocol, StringTransport]:
@@ -187,7 +173,7 @@ class Peer:
         head, _, rest = self.transport.value().partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101 ")
         self.transport.clear()
-        self._unread = rest
+        self.unread = rest
         assert self.answers() == [{"accept": True, "user": 7}]
 
     def send(self, groups: dict[str, list[Any]]) -> None:
@@ -196,7 +182,7 @@ class Peer:
     def answers(self) -> list[Any]:
         """Every text frame written since the last call (the end of this reactor turn included)."""
         self.clock.advance(0)  # the outbox is written at the end of the turn
-        data, self._unread = self._unread + self.transport.value(), b""
+        data, self.unread = self.unread + self.transport.value(), b""
         self.transport.clear()
         return [json.loads(payload) for opcode, payload in server_frames(data) if opcode == 1]
 
@@ -325,6 +311,6 @@ def test_a_flood_that_is_never_read_is_closed_like_a_slow_reader() -> None:
     peer.protocol.pauseProducing()  # the client reads nothing: its buffer is full
     for i in range(2, 200):
         peer.send({"job_events": [i]})
-    frames = server_frames(peer._unread + peer.transport.value())
+    frames = server_frames(peer.unread + peer.transport.value())
     assert frames[-1][0] == 0x8 and int.from_bytes(frames[-1][1][:2], "big") == CLOSE_TRY_AGAIN_LATER
     assert sum(len(text_frame(p)) for op, p in frames if op == 1) <= 1000
