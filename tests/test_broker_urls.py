@@ -15,6 +15,7 @@ def test_one_url_parses_and_hides_its_password() -> None:
     assert (a.tls, a.host, a.port, a.username, a.password, a.vhost) == (
         True, "rabbit.example", 5999, "user", "s@cret", "tower/vh")
     assert "cret" not in str(a) and "cret" not in repr(a)
+    assert str(a) == "amqps://user@rabbit.example:5999/tower%2Fvh"  # as written, minus the password
     assert a.login == "\0user\0s@cret" and a.node == "rabbit.example:5999"
     assert amqp_address("amqps://h").port == 5671 and amqp_address("amqp://h").vhost == "/"
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
@@ -34,8 +34,9 @@ class AMQPAddress:
     vhost: str
 
     def __str__(self) -> str:
+        # The URL as an operator writes it (vhost URL-encoded: "/" is %2F), minus the password.
         scheme = "amqps" if self.tls else "amqp"
-        return f"{scheme}://{self.username}@{self.host}:{self.port}/{self.vhost}"
+        return f"{scheme}://{quote(self.username, safe='')}@{self.node}/{quote(self.vhost, safe='')}"
 
     @property
     def login(self) -> str:

@@ -46,6 +46,7 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail
 from twisted.internet.endpoints import connectProtocol
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -190,8 +191,10 @@ class Publisher:
         client = BrokerProtocol(_no_delivery, address.vhost, self.heartbeat, self.reactor, "towerws publisher")
         try:
             await connectProtocol(self._endpoint_for(address), client)
-        except CancelledError:
-            raise
+        except (CancelledError, ConnectingCancelledError):
+            # The attempt's timeout cancelled the TCP connect (HostnameEndpoint says so
+            # with its own exception): _attempt reports "no answer ... within".
+            raise CancelledError() from None
         except Exception as exc:
             raise PublishError(f"cannot connect to the AMQP broker {address}: {describe(exc)}") from None
         try:
