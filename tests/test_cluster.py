@@ -292,3 +292,46 @@ async def test_a_hung_peer_delays_new_bindings_only(
     gap = receiver.longest_gap()
     report(f"hung peer: longest gap of a bound group {gap:.2f} s")
     assert gap <= 5.0, f"a bound group's deliveries stalled {gap:.2f} s while another node hung"
+
+
+@aio_test(timeout=240)
+async def test_http_publish_api_rides_out_the_loss_of_its_node(
+    rabbit_cluster: RabbitCluster, server_factory: Any, exchange: str, tmp_path: Any
+) -> None:
+    """POST /api/publish while the node towerws is connected to is killed: every 202 was delivered."""
+    from test_publish_api import SECRET, post
+
+    secret = tmp_path / "publish.secret"
+    secret.write_text(SECRET + "\n")
+    server = await start_on_cluster(server_factory, rabbit_cluster, publish_secret_file=str(secret))
+    victim = node_in_use(server, rabbit_cluster)
+    ws = await server.connect()
+    await ws.subscribe({"job_events": [7]})
+    receiver = Receiver(ws)
+    accepted: list[int] = []
+    refused: list[Any] = []
+
+    async def stream() -> None:
+        for seq in range(200):
+            code, body, _ = await post(server, {"group": GROUP, "payload": {"seq": seq}})
+            (accepted if code == 202 else refused).append(seq if code == 202 else body)
+            await asyncio.sleep(INTERVAL)
+
+    streaming = asyncio.ensure_future(stream())
+    try:
+        await receiver.after(0, 20, timeout=30)
+        struck = time.monotonic()
+        await rabbit_cluster.run_async(rabbit_cluster.kill, victim)
+        await receiver.after(struck, 20, timeout=30)
+        await asyncio.wait_for(streaming, 60)
+        await receiver.until(set(accepted), timeout=30)
+    finally:
+        streaming.cancel()
+        receiver.stop()
+        await ws.close()
+    # Waiting out the failover inside publish_timeout: nothing refused, nothing confirmed lost.
+    assert refused == [] and len(accepted) == 200
+    assert node_in_use(server, rabbit_cluster) != victim
+    report(f"HTTP publish API, its node killed: longest gap {receiver.longest_gap():.2f} s, "
+           f"{receiver.duplicates()} duplicates")
+    await rabbit_cluster.run_async(rabbit_cluster.restart, victim)
