@@ -54,6 +54,14 @@ class Config:
     profile: bool = False
     profile_seconds: float = 10.0
     verbose: bool = True
+    # rebind and storm (bench/rebind.py)
+    rebind_groups: int = 10_000
+    rebind_groups_per_client: int = 1000
+    rebind_timeout: float = 120.0
+    storm_clients: int = 2000
+    storm_concurrency: int = 64
+    #: the commit the storm compares against: the last before pipelined binding (None: skip)
+    storm_baseline: str | None = "39d096b"
 
     @classmethod
     def make(cls, amqp_url: str, logdir: Path, quick: bool) -> Config:
@@ -62,7 +70,7 @@ class Config:
         return cls(
             amqp_url, logdir, quick=True, runs=1, trial_duration=2.0, drain=6.0,
             fanout_sizes=[100, 1000], many_groups_sizes=[1000], idle_size=2000, connect_size=1000,
-            slow_normal=200, slow_duration=8.0,
+            slow_normal=200, slow_duration=8.0, rebind_groups=2000, storm_clients=500,
         )
 
 
