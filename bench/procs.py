@@ -439,8 +439,18 @@ class Monitor:
             self._stop.wait(self.interval)
 
 
-def broker_process() -> psutil.Process | None:
-    """The local RabbitMQ (``beam.smp``), to report its CPU next to the server's."""
+def broker_process(port: int = 5672) -> psutil.Process | None:
+    """The local RabbitMQ (``beam.smp``), to report its CPU next to the server's.
+
+    The one listening on ``port``: test suites start RabbitMQ nodes of their own
+    (a 3-node cluster fixture) beside the shared broker.
+    """
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+                return psutil.Process(conn.pid)
+    except psutil.Error:
+        pass  # no rights to see other processes' sockets: the first beam.smp below
     for p in psutil.process_iter(["name"]):
         if p.info["name"] == "beam.smp":
             return p
