@@ -43,6 +43,12 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def shown(argv: list[str]) -> str:
+    """A command line for the results page: paths inside the checkout relative to it (no machine paths)."""
+    prefix = str(ROOT) + os.sep
+    return " ".join(a[len(prefix):] if a.startswith(prefix) else a for a in argv)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

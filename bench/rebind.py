@@ -18,6 +18,9 @@ says all are bound), and every client must receive the probe of every group it h
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,13 +28,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.procs import BenchError, Child, Monitor, TowerwsServer, amqp_proxy, baseline_tree, broker_process
-from bench.scenarios import Config, _say, load_generator, median_of, started
+from bench.procs import BenchError, Child, Monitor, TowerwsServer, amqp_proxy, baseline_tree, broker_process, shown
+from bench.scenarios import Config, _say, load_generator, median_of, started, top_stacks
 
 #: seconds between two reads of /metrics while the node reconnects and binds
 POLL = 0.05
 #: seconds a probe round may take before the groups still missing are probed again
 PROBE_WAIT = 5.0
+#: py-spy's samples per second in the profiled reconnect
+PROFILE_RATE = 250
 
 
 def _cpu_monitors(server: TowerwsServer) -> tuple[Monitor, Monitor | None]:
@@ -118,6 +123,7 @@ def rebind(cfg: Config) -> dict[str, Any]:
                 broker_alone.append(_broker_alone(server, groups))
                 _say(cfg, "   run {} the broker alone, binds/s: {}".format(
                     i + 1, ", ".join(f"{k} {v:,.0f}" for k, v in broker_alone[-1].items())))
+            profile = _profile_lost(cfg, server, lg, proxy, groups) if cfg.profile else None
     finally:
         proxy.stop()
     return {
@@ -129,7 +135,36 @@ def rebind(cfg: Config) -> dict[str, Any]:
         "median": {v: median_of([{k: x for k, x in r.items() if k != "bind_series"} for r in rs])
                    for v, rs in runs.items()},
         "broker_alone": {"runs": broker_alone, "median": median_of(broker_alone)},
+        **({"bind_profile": profile} if profile else {}),
     }
+
+
+def _profile_lost(cfg: Config, server: TowerwsServer, lg: Child, proxy: Child, groups: list[str]) -> dict[str, Any]:
+    """One more *queue lost* reconnect (not in the medians) with py-spy on the server: where its time goes.
+
+    ``attach_s``: the seconds of samples inside ``Bindings.attach``, which issues
+    every bind in one reactor turn (nothing is sent, and nothing else served, until it returns).
+    """
+    out = cfg.logdir / "profile-rebind-lost.txt"
+    cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(server.pid), "--rate",
+           str(PROFILE_RATE), "--format", "raw", "--nolineno", "--nonblocking", "--output", str(out)]
+    _say(cfg, f"   profiling a queue-lost reconnect: {shown(cmd)}")
+    spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)  # py-spy attaches (no event to wait for)
+        r = _rebind_once(cfg, server, lg, proxy, "lost", groups, first_round=100_000)
+        spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        _, err = spy.communicate(timeout=60)
+    except BaseException:
+        spy.kill()
+        spy.wait(10)
+        raise
+    if not out.exists():
+        return {"error": f"py-spy failed ({spy.returncode}): {err.strip()[-300:]}", "command": shown(cmd)}
+    attach = sum(int(count) for stack, _, count in (line.rpartition(" ") for line in out.read_text().splitlines())
+                 if "Bindings.attach" in stack and count.isdigit())
+    return {"command": shown(cmd), "file": shown([str(out)]), "bound_s": r["bound_s"], "consuming_s": r["consuming_s"],
+            "attach_s": attach / PROFILE_RATE, **top_stacks(out)}
 
 
 #: the broker alone binding the same groups: how, by label
@@ -158,12 +193,14 @@ def _rebind_once(cfg: Config, server: TowerwsServer, lg: Child, proxy: Child, va
     n = len(groups)
     reconnects = server.metrics().get("towerws_amqp_reconnects_total", 0.0)
     admin = pika.BlockingConnection(pika.URLParameters(cfg.amqp_url)) if variant == "lost" else None
+    deleted = {}
     try:
-        server_mon, broker_mon = _cpu_monitors(server)
         severed = proxy.call({"cmd": "sever"})
         if admin is not None:
             # The proxy holds the node's new connection meanwhile: it finds no queue.
-            admin.channel().queue_delete(queue=f"towerws.{server.node_id}")
+            deleted = _delete_queue(admin.channel(), f"towerws.{server.node_id}")
+        # CPU from here: the node's reconnect and binding, not the runner's deletion.
+        server_mon, broker_mon = _cpu_monitors(server)
         proxy.call({"cmd": "release"})
     finally:
         if admin is not None:
@@ -194,6 +231,7 @@ def _rebind_once(cfg: Config, server: TowerwsServer, lg: Child, proxy: Child, va
     bound_s = bound_at - t0
     return {
         "reconnect_after_s": t0 - severed["at"],
+        **deleted,
         "consuming_s": consuming_at - t0,
         "bound_s": bound_s,
         "delivered_s": probes["last_rx"] - t0,
@@ -204,6 +242,29 @@ def _rebind_once(cfg: Config, server: TowerwsServer, lg: Child, proxy: Child, va
         "broker_cpu": broker_cpu,
         "bind_series": series[:: max(1, len(series) // 20)] + series[-1:],
     }
+
+
+def _delete_queue(channel: Any, queue: str, quiet: float = 0.05, timeout: float = 30.0) -> dict[str, float]:
+    """Delete ``queue``, then wait until the broker has finished with its bindings.
+
+    RabbitMQ answers delete-ok before it is done removing 10,000 bindings: a
+    declare right after waits a few hundred ms (measured).  A queue really lost
+    (expired while the node was away) was gone long before the node came back,
+    so the node's reconnect is timed from a settled broker: a scratch durable
+    queue is declared and deleted until that takes under ``quiet`` s.
+    """
+    t0 = time.monotonic()
+    channel.queue_delete(queue=queue)
+    delete_s = time.monotonic() - t0
+    scratch = f"{queue}.settle"
+    deadline = t0 + timeout
+    while True:
+        t = time.monotonic()
+        channel.queue_declare(queue=scratch, durable=True, arguments={"x-expires": 60_000})
+        channel.queue_delete(queue=scratch)
+        if time.monotonic() - t < quiet or time.monotonic() > deadline:
+            break
+    return {"delete_s": delete_s, "settle_s": time.monotonic() - t0 - delete_s}
 
 
 # -- storm ----------------------------------------------------------------------------

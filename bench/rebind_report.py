@@ -37,13 +37,18 @@ def tables(name: str, res: dict[str, Any]) -> list[tuple[list[str], list[list[st
 
         rows = [row(str(i + 1), v, r) for v, rs in res["runs"].items() for i, r in enumerate(rs)]
         rows += [row("median", v, m) for v, m in res["median"].items() if m]
+        out = [(head, rows)]
         alone = res.get("broker_alone")
-        if not alone:
-            return [(head, rows)]
-        labels = list(alone["median"])
-        alone_rows = [[str(i + 1)] + [_f(r[k]) for k in labels] for i, r in enumerate(alone["runs"])]
-        alone_rows.append(["median"] + [_f(alone["median"][k]) for k in labels])
-        return [(head, rows), (["run"] + [f"broker alone: {k}, binds/s" for k in labels], alone_rows)]
+        if alone:
+            labels = list(alone["median"])
+            alone_rows = [[str(i + 1)] + [_f(r[k]) for k in labels] for i, r in enumerate(alone["runs"])]
+            alone_rows.append(["median"] + [_f(alone["median"][k]) for k in labels])
+            out.append((["run"] + [f"broker alone: {k}, binds/s" for k in labels], alone_rows))
+        prof = res.get("bind_profile")
+        if prof and prof.get("samples"):
+            out.append((["server function, profiled queue-lost reconnect (self time)", "share"],
+                        [[f"`{f}`", f"{share}%"] for f, share in prof["self"]]))
+        return out
     if name == "storm":
         head = ["code", "groups", "handshakes+subscriptions/s (median)", "each run", "server CPU", "broker CPU",
                 "loadgen CPU", "failed", "bound after"]
@@ -78,20 +83,32 @@ def notes(name: str, res: dict[str, Any]) -> list[str]:
             "reconnect is forced by aborting both sides of the proxied connection (the broker sees the "
             "connection drop and keeps the durable queue and its bindings). The proxy holds the node's next "
             "connection until the runner has done its part (*queue lost*: it deletes the node's queue "
-            "meanwhile), so times count from the moment the broker is reachable again; *sever -> reconnect* "
-            "is the node's backoff before that.",
+            "meanwhile, then waits until the broker has finished removing the queue's bindings, which it does "
+            "after answering the delete, so that this clean-up is not counted against the node), so times "
+            "count from the moment the broker is reachable again; *sever -> reconnect* is the node's backoff "
+            "plus that work." + _deletion(res),
             "*consuming* and *all bound*: the node's `/metrics` (read every 50 ms: `towerws_amqp_consuming`, "
             "`towerws_amqp_bindings`, which counts a group once the broker's bind-ok arrived). *All "
             "delivering*: then one probe message is published to every group, and every client must receive "
             "the probe of each group it holds; the time of the last receipt. It includes the probe round "
             f"itself (at rest, before any reconnect, a round took {res['probe_round_at_rest_s']:.2f} s). "
             "*binds/s*: groups / *all bound* (queue lost: every group is bound anew). CPU in cores from the "
-            "sever to *all bound*; the broker is shared with whatever else runs on the machine.",
+            "release to *all bound*; the broker is shared with whatever else runs on the machine.",
             "*broker alone*: after each run, a raw AMQP client (`bench/publisher.py`) binds a fresh queue to "
             "the same groups, every `queue.bind` in flight at once (up to 2,048), round-robin over the "
             "channels: what RabbitMQ does without towerws. *durable* like towerws's node queue (its bindings "
             "outlive the connection and a broker restart), *transient* for comparison.",
         ]
+        prof = res.get("bind_profile")
+        if prof and "error" in prof:
+            lines.append(f"profile failed: {prof['error']}")
+        elif prof:
+            lines.append(
+                f"one more *queue lost* reconnect with py-spy on the server (`{prof['command']}`, not in the "
+                f"medians): all bound at {prof['bound_s']:.2f} s; {prof['attach_s']:.2f} s of samples inside "
+                "`Bindings.attach`, which issues every bind in one reactor turn: until it returns the node sends "
+                f"no bind and serves nothing else (it answered `/metrics` again at {prof['consuming_s']:.2f} s). "
+                f"Shares of its {prof['samples']} busy samples in the table above.")
         for variant, rs in res["runs"].items():
             for i, r in enumerate(rs):
                 if variant == "lost":
@@ -112,47 +129,53 @@ def notes(name: str, res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _deletion(res: dict[str, Any]) -> str:
+    lost = res["median"].get("lost") or {}
+    if "delete_s" not in lost:
+        return ""
+    return (f" Deleting the queue took {lost['delete_s']:.2f} s and the broker settled {lost['settle_s']:.2f} s "
+            "later (medians).")
+
+
 def _load(values: list[float] | None) -> str:
     return "/".join(f"{v:.1f}" for v in values) if values else "?"
 
 
 def _rebind_obstacles(res: dict[str, Any]) -> list[str]:
     out = []
-    alone = (res.get("broker_alone") or {}).get("median")
+    n = res["params"]["groups"]
+    alone = (res.get("broker_alone") or {}).get("median") or {}
+    kept = res["median"].get("kept") or {}
     for variant, m in res["median"].items():
         if not m or m["delivered_s"] <= REBIND_TARGET_S:
             continue
         what = (f"queue {variant}: {m['delivered_s']:.2f} s to all delivering, over the {REBIND_TARGET_S:g} s "
-                f"target. ")
+                "target. ")
         if variant == "kept":
             what += ("Nothing needs binding here (the bindings outlived the connection); the time is the "
                      f"connection set-up ({m['consuming_s']:.2f} s to consuming) plus the probe round "
                      f"({m['probe_round_s']:.2f} s): the machine, not the binding, is slow.")
-        elif alone and alone.get("durable, 4 channels"):
-            ref = alone["durable, 4 channels"]
-            what += (f"The node bound {m['binds_per_s']:,.0f} groups/s ({m['binds_per_s'] / ref:.0%} of the "
-                     f"{ref:,.0f}/s the broker alone manages for a durable queue over 4 channels; "
-                     f"{alone.get('durable, 1 channel', 0):,.0f}/s over 1 channel, "
-                     f"{alone.get('transient, 4 channels', 0):,.0f}/s for a transient queue), towerws at "
-                     f"{m['server_cpu']:.2f} cores and the broker at {m['broker_cpu']:.2f} meanwhile. "
-                     + ("The broker's cost per durable binding is the limit: each is a transaction in RabbitMQ's "
-                        "metadata store, and RabbitMQ processes one channel's methods one at a time (towerws "
-                        "already pipelines over 4 channels). "
-                        if m["binds_per_s"] >= 0.7 * ref else
-                        "towerws binds well below the broker's own pace: its side of each bind (txAMQP's "
-                        "method round trip per binding) is worth profiling. ")
-                     + f"At that pace {res['params']['groups']:,} bindings take "
-                       f"{res['params']['groups'] / ref:.1f} s even without towerws.")
-        elif m["broker_cpu"] >= m["server_cpu"]:
-            what += (f"The node bound {m['binds_per_s']:,.0f} groups/s with the broker at {m['broker_cpu']:.2f} "
-                     f"cores and towerws at {m['server_cpu']:.2f}: the broker is the limit. Each binding of a "
-                     "durable queue to a durable exchange is a transaction in RabbitMQ's metadata store, and "
-                     "RabbitMQ processes one channel's methods one at a time; towerws already pipelines over 4 "
-                     "channels.")
-        else:
-            what += (f"The node bound {m['binds_per_s']:,.0f} groups/s with towerws at {m['server_cpu']:.2f} cores "
-                     f"and the broker at {m['broker_cpu']:.2f}: towerws's side (txAMQP's per-method Deferreds and "
-                     "framing) is the larger cost here.")
+            out.append(what)
+            continue
+        blocked = m["consuming_s"] - kept.get("consuming_s", 0.0)
+        binding = m["bound_s"] - m["consuming_s"]
+        what += (f"It splits into about {blocked:.1f} s before the node answers `/metrics` again (beyond the "
+                 f"{kept.get('consuming_s', 0.0):.2f} s a reconnect takes when the queue was kept: the node "
+                 f"queues all {n:,} binds in one reactor turn before the first leaves; see the profile), "
+                 f"{binding:.1f} s of binding ({n / binding:,.0f} binds/s once sent) and the probe round "
+                 f"({m['probe_round_s']:.2f} s).")
+        ref = alone.get("durable, 4 channels")
+        if ref:
+            what += (f" The broker alone binds {ref:,.0f} durable bindings/s over 4 channels "
+                     f"({alone.get('durable, 1 channel', 0):,.0f}/s over 1): {n / ref:.1f} s for {n:,} "
+                     + ("by itself, over the target without towerws. " if n / ref > REBIND_TARGET_S else ". "))
+            what += ("That is the broker's cost per durable binding: each is a transaction in RabbitMQ's "
+                     "metadata store, and a channel's methods run one at a time (towerws pipelines them over 4 "
+                     "channels).")
+            transient = alone.get("transient, 4 channels")
+            if transient:
+                what += (f" Transient bindings go {transient / ref:.1f}x faster ({transient:,.0f}/s), but the node's "
+                         "queue and its bindings are durable on purpose (they outlive a broker restart).")
         out.append(what)
     return out
 

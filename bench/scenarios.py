@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench.payload import messages_per_group
-from bench.procs import BenchError, CeilingServer, Child, Monitor, Server, TowerwsServer, loadgen, towerws_options
+from bench.procs import BenchError, CeilingServer, Child, Monitor, Server, TowerwsServer, loadgen, shown, towerws_options
 from bench.trials import Rig, Trial, find_max
 
 MiB = 1 << 20
@@ -368,7 +368,7 @@ def profile(cfg: Config, rig: Rig, rate: float, label: str) -> dict[str, Any]:
     py_spy = str(Path(sys.executable).parent / "py-spy")
     cmd = [py_spy, "record", "--pid", str(rig.server.pid), "--duration", str(int(cfg.profile_seconds)),
            "--rate", "250", "--format", "raw", "--nolineno", "--nonblocking", "--output", str(out)]
-    _say(cfg, f"   profiling: {' '.join(cmd)}")
+    _say(cfg, f"   profiling: {shown(cmd)}")
     spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(0.5)
@@ -378,8 +378,8 @@ def profile(cfg: Config, rig: Rig, rate: float, label: str) -> dict[str, Any]:
         spy.kill()
         raise
     if spy.returncode != 0:
-        return {"error": f"py-spy failed ({spy.returncode}): {err.strip()[-300:]}", "command": " ".join(cmd)}
-    return {"command": " ".join(cmd), "file": str(out), "trial": trial.brief(), **top_stacks(out)}
+        return {"error": f"py-spy failed ({spy.returncode}): {err.strip()[-300:]}", "command": shown(cmd)}
+    return {"command": shown(cmd), "file": shown([str(out)]), "trial": trial.brief(), **top_stacks(out)}
 
 
 def top_stacks(path: Path, n: int = 15) -> dict[str, Any]:
