@@ -18,6 +18,7 @@ says all are bound), and every client must receive the probe of every group it h
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -290,6 +291,7 @@ def storm(cfg: Config) -> dict[str, Any]:
                              f"loadgen cpu {r['loadgen_cpu']:.2f}, {r['failed']} failed)")
     return {
         "params": {"clients": cfg.storm_clients, "concurrency": cfg.storm_concurrency, "auth": "static token",
+                   "cores": os.cpu_count(),
                    "baseline": cfg.storm_baseline, "new": "job_events-<unique> per client",
                    "existing": "all on job_events-1, bound before"},
         "runs": runs,
