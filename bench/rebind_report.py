@@ -77,7 +77,8 @@ def notes(name: str, res: dict[str, Any]) -> list[str]:
     lines = []
     measured = res.get("measured")
     if measured:
-        lines.append(f"measured by `{measured['command']}` on {measured['date']} at commit {measured['commit']}; "
+        where = f" on {measured['cpu']}, {measured['cores']} cores" if "cpu" in measured else ""
+        lines.append(f"measured by `{measured['command']}` on {measured['date']} at commit {measured['commit']}{where}; "
                      f"load average (1, 5, 15 min) before {_load(measured['load_before'])}, "
                      f"after {_load(measured.get('load_after'))}")
     if name == "rebind":
@@ -201,8 +202,7 @@ def _storm_obstacles(res: dict[str, Any]) -> list[str]:
         f"What a new-group client costs: the server {new['server_cpu'] / new['rate'] * 1e3:.2f} ms of CPU, RabbitMQ "
         f"{new['broker_cpu'] / new['rate'] * 1e3:.2f} ms (the durable binding: a transaction in its metadata "
         f"store), the load generator {new['loadgen_cpu'] / new['rate'] * 1e3:.2f} ms: {per * 1e3:.2f} ms together, "
-        f"against {cpu_per_client(base['new']) * 1e3:.2f} ms with the baseline's code. Spreading the binds over 4 "
-        "channels changes how many are in flight, not what each costs. At that cost "
+        f"against {cpu_per_client(base['new']) * 1e3:.2f} ms with the baseline's code. At that cost "
         f"{cores} cores allow at most about {cores / per:,.0f} clients/s with nothing else running, "
         f"{cores / per / base['new']['rate']:.1f}x the baseline's {base['new']['rate']:,.0f}/s; the three used "
         f"{busy:.2f} of the {cores} cores during the storm, other work on the machine the rest{load}.")

@@ -85,12 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    this_machine = report.machine(broker)
     doc: dict[str, Any] = {
         "command": command.strip(),
         "note": args.note,
         "date": date,
         "commit": _commit(),
-        "machine": report.machine(broker),
+        "machine": this_machine,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
         "results": {},
     }
@@ -105,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"\n== {name}", flush=True)
         # The machine is shared: its load average before and after goes with each result.
-        measured = {"command": command.strip(), "date": date, "commit": _commit(),
-                    "load_before": [round(x, 2) for x in os.getloadavg()]}
+        measured = {"command": command.strip(), "date": date, "commit": _commit(), "cpu": this_machine["cpu"],
+                    "cores": this_machine["cores"], "load_before": [round(x, 2) for x in os.getloadavg()]}
         try:
             res = SCENARIOS[name](cfg)
         except (BenchError, OSError) as exc:
