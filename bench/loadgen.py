@@ -17,9 +17,11 @@ of 0.1 ms bins per tag (bounded memory, no sort).
 Commands:
 
 ``connect``  ``{"tag", "n", "url", "groups": {KEY: [ITEM]}, "own_key": KEY|null, "own_base": B,
-             "track": bool, "concurrency": N, "rcvbuf": bytes|null, "timeout": s}``
+             "own_count": K, "track": bool, "concurrency": N, "rcvbuf": bytes|null, "timeout": s}``
     Open ``n`` clients, each subscribing to ``groups`` plus, with ``own_key``,
-    its own group ``own_key-(own_base + i)``.  Replies with the count subscribed,
+    its own group ``own_key-(own_base + i)`` (with ``own_count`` K > 1: its own K
+    groups ``own_key-(own_base + i*K)`` ... ``own_key-(own_base + i*K + K-1)``).
+    Replies with the count subscribed,
     failures and the elapsed time (handshake + subscribe reply of all clients).
 ``expect``   ``{"tags", "start", "end"}``: start a trial window: reset counters and histograms.
 ``stats``    ``{"tags", "wait": s}``: wait up to ``wait`` s until every tracked client of the
@@ -29,6 +31,11 @@ Commands:
 ``resume``   ``{"tag", "timeout"}``: read again, to collect close frames; reports each client's
              close code, or ``open`` (still connected) or ``dropped`` (gone without a close frame).
 ``close``    ``{"tags", "timeout"}``: abort those connections, wait for them to be gone.
+``mark_probes`` ``{"tags"}``: from now on each client waits for one probe body
+             (:func:`bench.payload.make_probe`) on every group it holds.
+``wait_probes`` ``{"tags", "wait": s}``: wait up to ``wait`` s until every client got them all
+             (or is gone); reports how many arrived, the receipt time of the last one and
+             the groups still missing (to probe again).
 ``quit``
 """
 
@@ -46,7 +53,7 @@ from typing import Any
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-from bench.payload import MARKER, SENT_US, SEQ
+from bench.payload import MARKER, PROBE_MARKER, SENT_US, SEQ, read_probe
 
 #: latency histogram: 0.1 ms bins up to 10 s (the last bin collects everything slower)
 BIN_US = 100
@@ -64,6 +71,10 @@ class Tag:
         self.clients: list[Client] = []
         self.start = 0
         self.end = 0
+        #: probes: (client, group) pairs still waiting for theirs, extra ones, the last receipt
+        self.probes_outstanding = 0
+        self.probes_extra = 0
+        self.probe_last_ns = 0
         self.reset()
 
     def reset(self) -> None:
@@ -77,9 +88,11 @@ class Tag:
 class Client(WSListener):
     """One websocket client; the hot path is :meth:`on_ws_frame` after subscription."""
 
-    def __init__(self, tag: Tag, subscribe: bytes):
+    def __init__(self, tag: Tag, subscribe: bytes, groups: list[str]):
         self.tag = tag
         self.subscribe_msg = subscribe
+        self.groups = groups
+        self.probes_missing: set[str] = set()
         self.transport: WSTransport | None = None
         self.subscribed = False
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -127,7 +140,9 @@ class Client(WSListener):
             return
         msg_type = frame.msg_type
         if msg_type == WSMsgType.TEXT:
-            if self.subscribed:
+            if self.subscribed and body.startswith(PROBE_MARKER):
+                self._probe(body)
+            elif self.subscribed:
                 self.frames += 1  # a message that is not a benchmark delivery
             else:
                 self._control(transport, body)
@@ -135,6 +150,17 @@ class Client(WSListener):
             self.close_code = int.from_bytes(body[:2], "big") if len(body) >= 2 else 1005
             transport.send_close()
             transport.disconnect()
+
+    def _probe(self, body: bytes) -> None:
+        # Not the hot path: one JSON parse per probe is fine (a round is one per group).
+        _, group, _ = read_probe(body)
+        tag = self.tag
+        if group in self.probes_missing:
+            self.probes_missing.discard(group)
+            tag.probes_outstanding -= 1
+            tag.probe_last_ns = _time_ns()
+        else:
+            tag.probes_extra += 1  # a repeat of a probed group, or a probe before mark_probes
 
     def _control(self, transport: WSTransport, body: bytes) -> None:
         msg = json.loads(body)
@@ -151,6 +177,10 @@ class Client(WSListener):
             self.refusal = str(msg["error"])
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self.probes_missing:
+            # A client that is gone waits for nothing more; wait_probes counts it as gone.
+            self.tag.probes_outstanding -= len(self.probes_missing)
+            self.probes_missing = set()
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(self.refusal or f"closed before subscribing ({self.close_code})"))
         if not self.gone.done():
@@ -215,7 +245,7 @@ class LoadGen:
         tag = self.tags.get(cmd["tag"]) or self.tags.setdefault(cmd["tag"], Tag(cmd["tag"], cmd.get("track", True)))
         n, url = int(cmd["n"]), cmd["url"]
         groups: dict[str, list] = cmd.get("groups") or {}
-        own_key, own_base = cmd.get("own_key"), int(cmd.get("own_base", 1))
+        own_key, own_base, own_count = cmd.get("own_key"), int(cmd.get("own_base", 1)), int(cmd.get("own_count", 1))
         rcvbuf = cmd.get("rcvbuf")
         timeout = float(cmd.get("timeout", 30))
         sem = asyncio.Semaphore(int(cmd.get("concurrency", 200)))
@@ -230,13 +260,15 @@ class LoadGen:
         async def one(i: int) -> None:
             subs = {k: list(v) for k, v in groups.items()}
             if own_key:
-                subs.setdefault(own_key, []).append(own_base + offset + i)
+                first = own_base + (offset + i) * own_count
+                subs.setdefault(own_key, []).extend(range(first, first + own_count))
             client_msg = json.dumps({"groups": subs}).encode()
+            names = [f"{key}-{item}" for key, items in subs.items() for item in items]
             async with sem:
                 try:
                     _, listener = await asyncio.wait_for(
                         ws_connect(
-                            lambda: Client(tag, client_msg),
+                            lambda: Client(tag, client_msg, names),
                             url,
                             websocket_handshake_timeout=timeout,
                             read_buffer_init_size=4096,
@@ -333,6 +365,32 @@ class LoadGen:
         await asyncio.wait([asyncio.ensure_future(c.gone) for c in clients], timeout=float(cmd.get("timeout", 5)))
         return {"ok": True, "close_codes": [c.outcome() for c in clients]}
 
+    def mark_probes(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        expected = 0
+        for tag in self._tags(cmd):
+            tag.probes_outstanding, tag.probes_extra, tag.probe_last_ns = 0, 0, 0
+            for c in tag.clients:
+                c.probes_missing = set(c.groups) if not c.gone.done() else set()
+                tag.probes_outstanding += len(c.probes_missing)
+            expected += tag.probes_outstanding
+        return {"ok": True, "expected": expected}
+
+    async def wait_probes(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        tags = self._tags(cmd)
+        deadline = time.monotonic() + float(cmd.get("wait", 0))
+        # A counter per tag, so the wait does not walk 10,000 sets every 10 ms.
+        while any(t.probes_outstanding for t in tags) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        missing = sorted({g for t in tags for c in t.clients if not c.gone.done() for g in c.probes_missing})
+        return {
+            "ok": True,
+            "outstanding": sum(t.probes_outstanding for t in tags),
+            "missing_groups": missing,
+            "extra": sum(t.probes_extra for t in tags),
+            "last_rx": max(t.probe_last_ns for t in tags) / 1e9 if tags else 0.0,
+            "gone": sum(1 for t in tags for c in t.clients if c.gone.done()),
+        }
+
     async def close(self, cmd: dict[str, Any]) -> dict[str, Any]:
         tags = self._tags(cmd)
         clients = [c for t in tags for c in t.clients]
@@ -357,6 +415,8 @@ async def serve() -> None:
         "probe": gen.probe,
         "resume": gen.resume,
         "close": gen.close,
+        "mark_probes": gen.mark_probes,
+        "wait_probes": gen.wait_probes,
     })
 
 

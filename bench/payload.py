@@ -11,6 +11,8 @@ them by slicing, at about a microsecond per message, instead of a JSON parse.
 
 from __future__ import annotations
 
+import json
+
 #: bytes of a typical Tower job event (a few hundred): the default body size
 DEFAULT_SIZE = 200
 
@@ -32,6 +34,21 @@ def make_body(seq: int, sent_us: int, size: int = DEFAULT_SIZE) -> bytes:
 def read_body(body: bytes) -> tuple[int, int]:
     """``(seq, sent_us)`` of a body made by :func:`make_body`."""
     return int(body[SEQ]), int(body[SENT_US])
+
+
+#: what a probe body starts with (the rebind scenario: "is this group bound and delivering?")
+PROBE_MARKER = b'{"probe":'
+
+
+def make_probe(round_: int, group: str, sent_us: int) -> bytes:
+    """A probe body: which probe round, for which group (a client may hold many), sent when."""
+    return b'{"probe":%d,"g":"%s","t":%d}' % (round_, group.encode(), sent_us)
+
+
+def read_probe(body: bytes) -> tuple[int, str, int]:
+    """``(round, group, sent_us)`` of a body made by :func:`make_probe`."""
+    fields = json.loads(body)
+    return int(fields["probe"]), str(fields["g"]), int(fields["t"])
 
 
 def messages_per_group(rate: float, duration: float, ngroups: int) -> int:

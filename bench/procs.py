@@ -43,6 +43,12 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def shown(argv: list[str]) -> str:
+    """A command line for the results page: paths inside the checkout relative to it (no machine paths)."""
+    prefix = str(ROOT) + os.sep
+    return " ".join(a[len(prefix):] if a.startswith(prefix) else a for a in argv)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
@@ -139,6 +145,36 @@ def publisher(amqp_url: str, exchange: str, log: Path) -> Child:
     return Child("publisher", argv, log)
 
 
+def amqp_proxy(amqp_url: str, log: Path) -> tuple[Child, str]:
+    """:mod:`bench.amqpproxy` in front of the broker of ``amqp_url``, and the same URL through it."""
+    parts = urllib.parse.urlsplit(amqp_url)
+    upstream = f"{parts.hostname or 'localhost'}:{parts.port or 5672}"
+    proxy = Child("amqpproxy", [sys.executable, "-m", "bench.amqpproxy", "--upstream", upstream], log)
+    netloc = parts.netloc.rpartition("@")
+    via = f"{netloc[0]}{netloc[1]}127.0.0.1:{proxy.hello['port']}"
+    return proxy, urllib.parse.urlunsplit(parts._replace(netloc=via))
+
+
+def baseline_tree(rev: str, dest: Path) -> Path:
+    """``towerws/`` and ``twisted/plugins/`` of commit ``rev``, extracted below ``dest`` (``git archive``).
+
+    With ``PYTHONPATH=<dest>`` the venv's ``twistd towerws`` runs that commit's
+    code: its plugin and package come first on ``sys.path``, before the checkout's
+    editable install (same dependencies).  No worktree is created.
+    """
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    try:
+        archive = subprocess.run(["git", "archive", rev, "towerws", "twisted/plugins"], cwd=ROOT,
+                                 capture_output=True, timeout=60, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, capture_output=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        raise BenchError(f"cannot extract commit {rev} for the baseline: {exc} {detail.decode(errors='replace')}") from None
+    return dest
+
+
 class Server:
     """The server under test: its websocket URL, pid, and the publisher that feeds it."""
 
@@ -166,12 +202,17 @@ def towerws_options() -> str:
 
 
 class TowerwsServer(Server):
-    """``twistd --nodaemon towerws`` on a free port, with its own exchange and node id."""
+    """``twistd --nodaemon towerws`` on a free port, with its own exchange and node id.
+
+    ``broker_url``: where the server itself connects (e.g. through :mod:`bench.amqpproxy`);
+    the publisher and the clean-up use ``amqp_url``.  ``code``: run the towerws code
+    of this directory (:func:`baseline_tree`) instead of the checkout's.
+    """
 
     name = "towerws"
 
     def __init__(self, amqp_url: str, logdir: Path, label: str, extra: list[str] | None = None,
-                 feed: bool = True):
+                 feed: bool = True, broker_url: str | None = None, code: Path | None = None):
         """Start it and wait until it consumes; ``feed``: also start a :mod:`bench.publisher` for it."""
         self.port = free_port()
         self.run_id = f"bench-{secrets.token_hex(4)}"
@@ -185,7 +226,7 @@ class TowerwsServer(Server):
             twistd, "--nodaemon", "--pidfile=", "towerws",
             # A listen backlog the size of the connect storm (Twisted's default is 50).
             "--listen", f"tcp:{self.port}:interface=127.0.0.1:backlog=1024",
-            "--amqp-url", amqp_url,
+            "--amqp-url", broker_url or amqp_url,
             "--exchange", self.exchange,
             "--node-id", self.node_id,
             "--tokens-file", str(tokens),
@@ -195,9 +236,12 @@ class TowerwsServer(Server):
             "--drain-timeout", "2",
         ] + (extra or [])
         self.log = logdir / f"{label}.log"
+        env = None
+        if code is not None:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))}
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                         stdin=subprocess.DEVNULL, preexec_fn=raise_nofile)
+                                         stdin=subprocess.DEVNULL, preexec_fn=raise_nofile, env=env)
         self.pid = self.proc.pid
         try:
             self._wait_ready(60)
@@ -216,10 +260,10 @@ class TowerwsServer(Server):
             return json.loads(e.read())
 
     def metrics(self) -> dict[str, float]:
-        """``GET /metrics``: every sample without labels, by name (``towerws_connections``, ...)."""
+        """``GET /metrics``: every sample without labels, by name (``towerws_amqp_bindings``, ...)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        out = {}
+        out: dict[str, float] = {}
         for line in text.splitlines():
             name, _, value = line.partition(" ")
             if line.startswith("#") or "{" in name or not value:
@@ -403,8 +447,18 @@ class Monitor:
             self._stop.wait(self.interval)
 
 
-def broker_process() -> psutil.Process | None:
-    """The local RabbitMQ (``beam.smp``), to report its CPU next to the server's."""
+def broker_process(port: int = 5672) -> psutil.Process | None:
+    """The local RabbitMQ (``beam.smp``), to report its CPU next to the server's.
+
+    The one listening on ``port``: test suites start RabbitMQ nodes of their own
+    (a 3-node cluster fixture) beside the shared broker.
+    """
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+                return psutil.Process(conn.pid)
+    except psutil.Error:
+        pass  # no rights to see other processes' sockets: the first beam.smp below
     for p in psutil.process_iter(["name"]):
         if p.info["name"] == "beam.smp":
             return p

@@ -16,6 +16,15 @@ Commands (one JSON object per line on stdin, one JSON reply per line on stdout):
     ``seq`` counter, kept across commands; the reply gives each stream's
     ``seq_start``/``seq_end`` (the same for all of its groups), the count, the
     elapsed time and the achieved rate.
+``{"cmd": "probe", "groups": [...], "round": R}``
+    Publish one probe body (:func:`bench.payload.make_probe`) to each group, as
+    fast as the socket takes them; the reply gives the count, the wall-clock
+    start and the elapsed time.
+``{"cmd": "bind", "queue": Q, "durable": bool, "groups": [...], "channels": K}``
+    What the broker alone does: declare queue ``Q``, bind it to the exchange once
+    per group, pipelined (every ``queue.bind`` sent at once, round-robin over ``K``
+    channels, then every ``bind-ok`` awaited), delete it; the reply gives the
+    elapsed time of the binds and binds/s.
 ``{"cmd": "quit"}``
     Close the connection and exit.
 """
@@ -35,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from bench.payload import DEFAULT_SIZE, make_body, messages_per_group
+from bench.payload import DEFAULT_SIZE, make_body, make_probe, messages_per_group
 
 FRAME_END = b"\xce"
 _HEADER = struct.Struct("!BHI")
@@ -132,6 +141,47 @@ class RawPublisher:
         self._expect(10, 41)
         self.sock.sendall(_method(self.CHANNEL, 20, 10, _shortstr("")))
         self._expect(20, 11)
+
+    # -- the broker's side of binding (the rebind scenario's reference) ----------
+
+    def open_channel(self, channel: int) -> None:
+        self.sock.sendall(_method(channel, 20, 10, _shortstr("")))
+        self._expect(20, 11)
+
+    def queue_declare(self, queue: str, durable: bool) -> None:
+        flags = 0x02 if durable else 0  # passive, durable, exclusive, auto-delete, no-wait
+        # x-expires: a queue this process could not delete (it died) goes by itself.
+        arguments = _longstr(_shortstr("x-expires") + b"I" + struct.pack("!i", 60_000))
+        self.sock.sendall(_method(self.CHANNEL, 50, 10, b"\x00\x00" + _shortstr(queue) + bytes([flags]) + arguments))
+        self._expect(50, 11)
+
+    def queue_delete(self, queue: str) -> None:
+        self.sock.sendall(_method(self.CHANNEL, 50, 40, b"\x00\x00" + _shortstr(queue) + b"\x00"))
+        self._expect(50, 41)
+
+    def bind_all(self, queue: str, groups: list[str], channels: list[int], timeout: float = 300.0) -> float:
+        """Bind ``queue`` to every group, pipelined over ``channels``; seconds until the last bind-ok."""
+        self.sock.settimeout(timeout)
+        t0 = time.monotonic()
+        frames = [
+            _method(channels[i % len(channels)], 50, 20, b"\x00\x00" + _shortstr(queue) + _shortstr(self.exchange)
+                    + _shortstr(g) + b"\x00" + _longstr(b""))
+            for i, g in enumerate(groups)
+        ]
+        # At most ``window`` in flight: the replies must not fill our receive buffer
+        # while the broker waits for us to take them (and we wait in sendall).
+        window = 2048
+        sent = done = 0
+        while done < len(frames):
+            if sent < len(frames) and sent - done <= window // 2:
+                k = min(len(frames) - sent, window - (sent - done))
+                self.sock.sendall(b"".join(frames[sent : sent + k]))
+                sent += k
+            self._expect(50, 21)
+            done += 1
+        elapsed = time.monotonic() - t0
+        self.sock.settimeout(None)
+        return elapsed
 
     # -- publishing ------------------------------------------------------------
 
@@ -253,6 +303,33 @@ def run_publish(pub: RawPublisher, seqs: dict[str, int], duration: float, specs:
     return {"ok": True, "start": wall0_us / 1e6, "elapsed": elapsed, "cpu": cpu, "streams": replies}
 
 
+def run_probe(pub: RawPublisher, groups: list[str], round_: int, batch: int = 512) -> dict[str, Any]:
+    """One probe to each of ``groups``, unpaced (a probe round should take as little time as it can)."""
+    start = time.time()
+    t0 = time.monotonic()
+    for i in range(0, len(groups), batch):
+        sent_us = time.time_ns() // 1000
+        pub.send(b"".join(pub.publish_frames(g, make_probe(round_, g, sent_us)) for g in groups[i : i + batch]))
+    pub.check()
+    return {"ok": True, "published": len(groups), "start": start, "elapsed": time.monotonic() - t0}
+
+
+def run_bind(pub: RawPublisher, opened: set[int], cmd: dict[str, Any]) -> dict[str, Any]:
+    """The ``bind`` command: the broker's own pace of binding one queue to many groups."""
+    channels = [pub.CHANNEL + 1 + k for k in range(int(cmd["channels"]))]
+    for ch in channels:
+        if ch not in opened:
+            pub.open_channel(ch)
+            opened.add(ch)
+    groups = list(cmd["groups"])
+    pub.queue_declare(cmd["queue"], bool(cmd["durable"]))
+    try:
+        elapsed = pub.bind_all(cmd["queue"], groups, channels)
+    finally:
+        pub.queue_delete(cmd["queue"])
+    return {"ok": True, "binds": len(groups), "elapsed": elapsed, "binds_per_s": len(groups) / elapsed}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--amqp-url", required=True)
@@ -260,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pub = RawPublisher(args.amqp_url, args.exchange)
     seqs: dict[str, int] = {}
+    opened: set[int] = set()
     out = sys.stdout
     out.write(json.dumps({"ready": True, "pid": os.getpid()}) + "\n")
     out.flush()
@@ -268,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if cmd["cmd"] == "publish":
                 reply = run_publish(pub, seqs, float(cmd["duration"]), cmd["streams"])
+            elif cmd["cmd"] == "bind":
+                reply = run_bind(pub, opened, cmd)
+            elif cmd["cmd"] == "probe":
+                reply = run_probe(pub, list(cmd["groups"]), int(cmd["round"]))
             elif cmd["cmd"] == "quit":
                 break
             else:

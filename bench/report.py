@@ -9,6 +9,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench import rebind_report
+
 #: a process using more than this share of a core was probably the bottleneck
 BUSY = 0.9
 
@@ -100,6 +102,7 @@ def targets(results: dict[str, Any], cfg: dict[str, Any]) -> list[dict[str, Any]
     if conn:
         rate = conn["median"]["rate"]
         add("connect: >= 2,500 handshakes+subscriptions/s", rate, rate >= 2500, f"{rate:,.0f}/s")
+    out += rebind_report.targets(results)
     return out
 
 
@@ -127,6 +130,8 @@ def _fmt(v: Any, spec: str = ",.0f") -> str:
 
 def tables(name: str, res: dict[str, Any], all_results: dict[str, Any]) -> list[tuple[list[str], list[list[str]]]]:
     """(header, rows) tables of one scenario's medians."""
+    if name in rebind_report.NAMES:
+        return rebind_report.tables(name, res)
     if name in ("fanout", "ceiling", "many-groups"):
         head = ["C", "max msg/s", "frames/s", "server CPU", "loadgen CPU", "feed CPU", "broker CPU",
                 "frames/s per server core", "peak RSS MiB", "half-rate p50 ms", "p99 ms", "max ms", "lost"]
@@ -192,6 +197,8 @@ def tables(name: str, res: dict[str, Any], all_results: dict[str, Any]) -> list[
 
 def notes(name: str, res: dict[str, Any]) -> list[str]:
     """Lines shown under a scenario's table."""
+    if name in rebind_report.NAMES:
+        return rebind_report.notes(name, res)
     if name != "slow-client":
         return []
     return [f"server RSS (MiB) over the stalled phase, run {i + 1}: "

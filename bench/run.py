@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -21,7 +22,10 @@ from typing import Any
 
 from bench import report
 from bench.procs import ROOT, BenchError, ensure_broker, rabbitmq_version, raise_nofile
-from bench.scenarios import SCENARIOS, Config
+from bench.rebind import SCENARIOS as REBIND_SCENARIOS
+from bench.scenarios import SCENARIOS as BASE_SCENARIOS, Config
+
+SCENARIOS = {**BASE_SCENARIOS, **REBIND_SCENARIOS}
 
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
@@ -58,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="client counts for fanout, ceiling and many-groups (default 100 1000 5000)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the server during C=1,000 fanout and many-groups trials at the maximum rate")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="commit the storm scenario compares against (default 39d096b; none: skip it)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other scenarios' results already in --out and render the page from all "
+                             "(each scenario says when and how it was measured)")
     parser.add_argument("--note", help="a remark shown under the title of the results page")
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP)
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results-latest.json, "
@@ -75,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg.profile = args.profile
     if args.sizes:
         cfg.fanout_sizes = cfg.many_groups_sizes = args.sizes
+    if args.baseline:
+        cfg.storm_baseline = None if args.baseline == "none" else args.baseline
     names = args.scenario or list(SCENARIOS)
     out = args.out or ROOT / "bench" / ("results-quick.json" if args.quick else "results-latest.json")
     markdown = args.markdown or ROOT / "bench" / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
@@ -85,16 +96,26 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
+    head = doc_head("bench.run", argv, args.note, broker)
     doc: dict[str, Any] = {
-        **doc_head("bench.run", argv, args.note, broker),
+        **head,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
         "results": {},
     }
+    if args.merge and out.exists():
+        # The page stays the earlier run's, with this run's scenarios replaced or added.
+        earlier = json.loads(out.read_text())
+        doc = {**earlier, "note": args.note or earlier.get("note"),
+               "config": {**doc["config"], **earlier["config"]}}
     print(f"machine: {json.dumps(doc['machine'])}", flush=True)
     t0 = time.monotonic()
     failed = False
     for name in names:
         print(f"\n== {name}", flush=True)
+        # The machine is shared: its load average before and after goes with each result.
+        measured = {"command": head["command"], "date": head["date"], "commit": head["commit"],
+                    "cpu": head["machine"]["cpu"], "cores": head["machine"]["cores"],
+                    "load_before": [round(x, 2) for x in os.getloadavg()]}
         try:
             res = SCENARIOS[name](cfg)
         except (BenchError, OSError) as exc:
@@ -103,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             doc["results"][name] = {"error": str(exc)}
             failed = True
             continue
+        measured["load_after"] = [round(x, 2) for x in os.getloadavg()]
+        res["measured"] = measured
         doc["results"][name] = res
         print(report.summary_line(name, res))
         for head, rows in report.tables(name, res, doc["results"]):
@@ -111,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {line}")
         if "profile" in res:
             _print_profile(res["profile"])
-    doc["elapsed_s"] = time.monotonic() - t0
+    if not args.merge or "elapsed_s" not in doc:
+        doc["elapsed_s"] = time.monotonic() - t0
     doc["targets"] = report.targets(doc["results"], doc["config"])
     print("\n== targets")
     for t in doc["targets"]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench.payload import messages_per_group
-from bench.procs import BenchError, CeilingServer, Child, Monitor, Server, TowerwsServer, loadgen, towerws_options
+from bench.procs import BenchError, CeilingServer, Child, Monitor, Server, TowerwsServer, loadgen, shown, towerws_options
 from bench.trials import Rig, Trial, find_max
 
 MiB = 1 << 20
@@ -54,6 +54,14 @@ class Config:
     profile: bool = False
     profile_seconds: float = 10.0
     verbose: bool = True
+    # rebind and storm (bench/rebind.py)
+    rebind_groups: int = 10_000
+    rebind_groups_per_client: int = 1000
+    rebind_timeout: float = 120.0
+    storm_clients: int = 2000
+    storm_concurrency: int = 64
+    #: the commit the storm compares against: the last before pipelined binding (None: skip)
+    storm_baseline: str | None = "39d096b"
 
     @classmethod
     def make(cls, amqp_url: str, logdir: Path, quick: bool) -> Config:
@@ -62,7 +70,7 @@ class Config:
         return cls(
             amqp_url, logdir, quick=True, runs=1, trial_duration=2.0, drain=6.0,
             fanout_sizes=[100, 1000], many_groups_sizes=[1000], idle_size=2000, connect_size=1000,
-            slow_normal=200, slow_duration=8.0,
+            slow_normal=200, slow_duration=8.0, rebind_groups=2000, storm_clients=500,
         )
 
 
@@ -360,7 +368,7 @@ def profile(cfg: Config, rig: Rig, rate: float, label: str) -> dict[str, Any]:
     py_spy = str(Path(sys.executable).parent / "py-spy")
     cmd = [py_spy, "record", "--pid", str(rig.server.pid), "--duration", str(int(cfg.profile_seconds)),
            "--rate", "250", "--format", "raw", "--nolineno", "--nonblocking", "--output", str(out)]
-    _say(cfg, f"   profiling: {' '.join(cmd)}")
+    _say(cfg, f"   profiling: {shown(cmd)}")
     spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(0.5)
@@ -370,8 +378,8 @@ def profile(cfg: Config, rig: Rig, rate: float, label: str) -> dict[str, Any]:
         spy.kill()
         raise
     if spy.returncode != 0:
-        return {"error": f"py-spy failed ({spy.returncode}): {err.strip()[-300:]}", "command": " ".join(cmd)}
-    return {"command": " ".join(cmd), "file": str(out), "trial": trial.brief(), **top_stacks(out)}
+        return {"error": f"py-spy failed ({spy.returncode}): {err.strip()[-300:]}", "command": shown(cmd)}
+    return {"command": shown(cmd), "file": shown([str(out)]), "trial": trial.brief(), **top_stacks(out)}
 
 
 def top_stacks(path: Path, n: int = 15) -> dict[str, Any]:
