@@ -114,3 +114,13 @@ def test_subscriber_removed_during_dispatch(hub: Hub) -> None:
     assert hub.publish("g-1", b"2") == 3
     assert all(s.frames == [b"F2"] for s in subs)
     assert hub.subscribers("g-1") == {subs[1]}
+
+
+def test_group_count_counts_groups_with_subscribers() -> None:
+    hub = Hub(frame=lambda body: body)
+    a, b = object(), object()
+    hub.set_groups(a, ["g1", "g2"])  # type: ignore[arg-type]
+    hub.set_groups(b, ["g2", "g3"])  # type: ignore[arg-type]
+    assert hub.group_count == 3 == len(hub.active_groups)
+    hub.remove(a)  # type: ignore[arg-type]
+    assert hub.group_count == 2

@@ -82,7 +82,7 @@ class TowerService(MultiService):
         self.metrics.bind(
             node_id=self.settings.node_id,
             connections=lambda: len(self.factory.connections),
-            groups=lambda: len(hub.active_groups),
+            groups=lambda: hub.group_count,
             bindings=lambda: bus.bound_count,
             consuming=lambda: bus.ready,
             brokers=[a.node for a in self.settings.amqp_url] if self.settings.amqp_url is not None else [],
@@ -113,7 +113,7 @@ class TowerService(MultiService):
             "amqp": self.bus.state,
             "broker": self.bus.broker,
             "connections": len(self.factory.connections),
-            "groups": len(self.hub.active_groups),
+            "groups": self.hub.group_count,
             "node_id": self.settings.node_id,
             "version": __version__,
             "uptime_s": round(self.reactor.seconds() - self.started_at, 3),

@@ -65,6 +65,11 @@ class Hub:
         return frozenset(self._members)
 
     @property
+    def group_count(self) -> int:
+        """How many groups have a local subscriber (without copying them, for metrics)."""
+        return len(self._members)
+
+    @property
     def subscriber_count(self) -> int:
         return len(self._groups)
 
