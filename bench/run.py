@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
-    head = doc_head("bench.run", argv, args.note, broker)
+    started = doc_head("bench.run", argv, args.note, broker)
     doc: dict[str, Any] = {
-        **head,
+        **started,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
         "results": {},
     }
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"\n== {name}", flush=True)
         # The machine is shared: its load average before and after goes with each result.
-        measured = {"command": head["command"], "date": head["date"], "commit": head["commit"],
-                    "cpu": head["machine"]["cpu"], "cores": head["machine"]["cores"],
+        measured = {"command": started["command"], "date": started["date"], "commit": started["commit"],
+                    "cpu": started["machine"]["cpu"], "cores": started["machine"]["cores"],
                     "load_before": [round(x, 2) for x in os.getloadavg()]}
         try:
             res = SCENARIOS[name](cfg)
