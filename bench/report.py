@@ -276,6 +276,17 @@ def checkout_of(doc: dict[str, Any]) -> Path:
 SOAK_PAGE = "SOAK.md"
 
 
+#: the page's hand-written part (what stands in the way of unmet targets), kept across renderings
+NOTES_PAGE = "RESULTS-notes.md"
+
+
+def _hand_written_notes(path: Path) -> list[str]:
+    notes_file = path.parent / NOTES_PAGE
+    if path.name != "RESULTS.md" or not notes_file.exists():
+        return []
+    return [notes_file.read_text().rstrip(), ""]
+
+
 def write_markdown(path: Path, doc: dict[str, Any]) -> None:
     doc = relative_paths(doc, checkout_of(doc))
     m = doc["machine"]
@@ -303,6 +314,7 @@ def write_markdown(path: Path, doc: dict[str, Any]) -> None:
                   for t in doc["targets"]]),
         "",
         *plot_section(doc, path),
+        *_hand_written_notes(path),
     ]
     for name, res in doc["results"].items():
         parts += [f"## {name}", ""]
