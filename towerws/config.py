@@ -2,7 +2,7 @@
 
 Each option is one field of :class:`Settings`; the field's metadata carries the
 parser and the help line, so the command line, the environment, the config file,
-``etc/towerws.conf`` and the README table all derive from this one list.
+``etc/towerws.conf`` and the table in ``docs/configuration.md`` all derive from this one list.
 
 Precedence: command line > ``TOWERWS_<KEY>`` environment > config file
 (INI, section ``[towerws]``) > default.  :func:`load` validates everything once
@@ -428,7 +428,7 @@ def shown_default(fld: dataclasses.Field) -> str:
 
 
 def options_table() -> str:
-    """The README's option table (a test keeps README equal to this)."""
+    """The option table of docs/configuration.md (tests/test_docs.py keeps the page equal to this)."""
     rows = [
         "| option | config key | environment | default | meaning |",
         "|---|---|---|---|---|",

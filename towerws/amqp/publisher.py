@@ -18,8 +18,9 @@ or ``timeout`` passed.
 ``publish`` returns a Deferred that fires once a node has confirmed the
 message.  A message that was not confirmed (the connection or the channel was
 lost, the node did not confirm within :data:`ATTEMPT_TIMEOUT`) is sent again on
-a new connection, to the next node of the list; one the broker refused (nack)
-is sent again on the same connection a moment later.  The Deferred fails with
+a new connection, to the next node of the list; so is one the broker refused
+(nack), a moment later (a channel whose quorum queue lost its leader can go on
+refusing).  The Deferred fails with
 :class:`PublishError` only when no node confirmed within ``timeout`` -- or at
 once when the cluster refused the exchange itself (404: it does not exist,
 403: no permission), which every node would answer alike.  So a caller told
