@@ -32,6 +32,7 @@ from brokerproxy import BrokerProxy
 from conftest import AMQP_URL, ROOT, VENV_BIN, Bound, aio_test, unique
 from towerws import emit
 from towerws.emit import EmitError, Emitter, configure, emit_channel_notification
+from towerws.messages import InvalidBody
 
 TIMEOUT = 10.0
 UNREACHABLE = "amqp://guest:secretpw@127.0.0.1:1/%2F"
@@ -102,6 +103,13 @@ def test_non_serialisable_payload_raises_type_error_before_io() -> None:
     with pytest.raises(TypeError):
         e.emit("jobs-status_changed", {"at": datetime.time(1, 2, tzinfo=datetime.timezone.utc)})
     assert e._connection is None
+
+
+@pytest.mark.parametrize("body", [b'{"n": NaN}', b"[Infinity]", b"-Infinity", b"{", b"\xff"])
+def test_emit_raw_refuses_what_a_browser_cannot_parse_before_io(body: bytes) -> None:
+    e = Emitter(UNREACHABLE, "towerws", timeout=1)
+    with pytest.raises(InvalidBody):  # not EmitError: nothing was attempted
+        e.emit_raw("jobs-status_changed", body)
 
 
 @pytest.mark.parametrize("group", ["", "job events", "tab\tgroup", "line\n", "x" * 256, "é" * 128])
