@@ -16,6 +16,7 @@ for the HTTP publish API) and by :class:`towerws.amqp.publisher.Publisher`.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from twisted.internet.defer import Deferred, TimeoutError, fail
@@ -40,6 +41,32 @@ class ChannelRefused(PublishError):
     def __init__(self, message: str, reply_code: int):
         super().__init__(message)
         self.reply_code = reply_code
+
+
+class PublishAttempt:
+    """One publish that may be sent several times (failover): why its last try failed, for its caller."""
+
+    last_error = "not connected to a broker"
+
+
+def confirmed_within(
+    send: Callable[[float, PublishAttempt], Coroutine[Any, Any, None]], timeout: float, clock: IReactorTime
+) -> Deferred[None]:
+    """Run ``send(deadline, attempt)`` -- tries until a broker confirms -- bounded by ``timeout`` seconds.
+
+    Fails with :class:`PublishError` naming the last try's problem when no broker
+    node confirmed in time.
+    """
+    attempt = PublishAttempt()
+    d = Deferred.fromCoroutine(send(clock.seconds() + timeout, attempt))
+    d.addTimeout(timeout, clock)
+
+    def timed_out(failure: Failure) -> Failure:
+        if failure.check(TimeoutError):
+            raise PublishError(f"no broker node confirmed the message within {timeout:g} s ({attempt.last_error})")
+        return failure
+
+    return d.addErrback(timed_out)
 
 
 class Confirms:

@@ -41,6 +41,7 @@ The exchange is declared by the towerws server; a publisher never declares it.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -51,11 +52,10 @@ from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from towerws.amqp import txamqp_internals
 from towerws.amqp.client import BrokerProtocol
-from towerws.amqp.confirms import ChannelRefused, Confirms, Nacked
+from towerws.amqp.confirms import ChannelRefused, Confirms, Nacked, PublishAttempt, confirmed_within
 from towerws.amqp.endpoint import HANDSHAKE_TIMEOUT, broker_endpoint, describe, retry_delays
 from towerws.broker_urls import AMQPAddress, Brokers, brokers
 from towerws.bus import PublishError
@@ -73,12 +73,6 @@ RETRY_PAUSE = 0.2
 #: channel.close codes that are the cluster's answer for the exchange, the same on every
 #: node (exchanges and permissions are cluster-wide): 403 ACCESS_REFUSED, 404 NOT_FOUND
 REFUSED_FOR_GOOD = (403, 404)
-
-
-class _Attempt:
-    """Why the last try of one publish failed, for the error its caller gets."""
-
-    last_error = "not connected to a broker"
 
 
 class Publisher:
@@ -278,19 +272,9 @@ class Publisher:
             return fail(exc)
         if self.closed:
             return fail(PublishError("the publisher is closed"))
-        timeout = self.timeout
-        attempt = _Attempt()
-        d = Deferred.fromCoroutine(self._publish(group, body, self.reactor.seconds() + timeout, attempt))
-        d.addTimeout(timeout, self.reactor)
+        return confirmed_within(functools.partial(self._publish, group, body), self.timeout, self.reactor)
 
-        def timed_out(failure: Failure) -> Failure:
-            if failure.check(TimeoutError):
-                raise PublishError(f"no broker node confirmed the message within {timeout:g} s ({attempt.last_error})")
-            return failure
-
-        return d.addErrback(timed_out)
-
-    async def _publish(self, group: str, body: bytes, deadline: float, attempt: _Attempt) -> None:
+    async def _publish(self, group: str, body: bytes, deadline: float, attempt: PublishAttempt) -> None:
         while True:
             if self.closed:
                 raise PublishError(f"the publisher was closed before a broker confirmed the message "

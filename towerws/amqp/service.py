@@ -25,17 +25,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from txamqp.client import Closed
 
 from towerws.amqp.bindings import Bindings
 from towerws.amqp.client import BINDING_CHANNELS, CHANNEL, PROBE_CHANNEL, PUBLISH_CHANNEL, BrokerProtocol
-from towerws.amqp.confirms import Confirms
+from towerws.amqp.confirms import Confirms, PublishAttempt, confirmed_within
 from towerws.amqp.endpoint import (
     HANDSHAKE_TIMEOUT,
     FailoverEndpoint,
@@ -57,12 +56,6 @@ from towerws.twisted_internals import QuietClientService
 
 #: seconds between two tries of a publish the broker refused on a working connection
 RETRY_PAUSE = 0.2
-
-
-class _PublishAttempt:
-    """Why the last try of one publish failed, for the error its caller gets."""
-
-    last_error = "not connected to a broker"
 
 
 class AMQPService(Service):
@@ -141,19 +134,10 @@ class AMQPService(Service):
             check_message(group, body)
         except (TypeError, ValueError) as exc:
             return fail(exc)
-        timeout = self.settings.publish_timeout
-        attempt = _PublishAttempt()
-        d = Deferred.fromCoroutine(self._publish(group, body, self.reactor.seconds() + timeout, attempt))
-        d.addTimeout(timeout, self.reactor)
+        return confirmed_within(functools.partial(self._publish, group, body), self.settings.publish_timeout,
+                                self.reactor)
 
-        def timed_out(failure: Failure) -> Failure:
-            if failure.check(DeferredTimeout):
-                raise PublishError(f"no broker node confirmed the message within {timeout:g} s ({attempt.last_error})")
-            return failure
-
-        return d.addErrback(timed_out)
-
-    async def _publish(self, group: str, body: bytes, deadline: float, attempt: "_PublishAttempt") -> None:
+    async def _publish(self, group: str, body: bytes, deadline: float, attempt: PublishAttempt) -> None:
         while True:
             confirms = self.confirms
             if confirms is None or confirms.error is not None:
