@@ -10,7 +10,7 @@ from service_identity import VerificationError
 from service_identity.hazmat import DNS_ID, DNSMismatch
 from twisted.application.internet import ClientService
 from twisted.internet import error
-from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, succeed
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout, fail, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from amqphelpers import close_message, fired
 from logcapture import LogCapture
-from towerws.amqp.endpoint import SetUpEndpoint, describe, retry_delays
+from towerws.amqp.endpoint import FailoverEndpoint, NoBrokerAvailable, SetUpEndpoint, describe, retry_delays
 
 # -- retry delays -------------------------------------------------------------------------------------
 
@@ -150,3 +150,44 @@ def test_setup_that_never_finishes_times_out() -> None:
     assert isinstance(fired(d).value, DeferredTimeout)
     assert fake.protocols[0].transport.disconnected  # the half-made connection is aborted
     assert log.count("cannot connect to the broker broker: timed out") == 1
+
+
+@implementer(IStreamClientEndpoint)
+class ScriptedEndpoint:
+    """A SetUpEndpoint stand-in: ``connect()`` succeeds or fails as ``self.works`` says."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.works = True
+        self.tries = 0
+
+    def connect(self, factory: Any) -> Deferred:
+        self.tries += 1
+        if self.works:
+            return succeed(self.name)
+        return fail(error.ConnectionRefusedError())
+
+
+def test_failover_rotates_and_logs_a_failed_pass_once() -> None:
+    a, b, c = (ScriptedEndpoint(n) for n in "abc")
+    endpoint = FailoverEndpoint([a, b, c])  # type: ignore[list-item]
+    with LogCapture() as log:
+        assert fired(endpoint.connect(None)) == "a"
+        # After a connection (say it was lost), the next connect starts with the next node.
+        assert fired(endpoint.connect(None)) == "b"
+        b.works = c.works = a.works = False
+        assert fired(endpoint.connect(None)).check(NoBrokerAvailable)
+        assert (a.tries, b.tries, c.tries) == (2, 2, 1)
+        a.works = True
+        assert fired(endpoint.connect(None)) == "a"
+    # One line for the whole failed pass; none for the connects that worked (a lost
+    # connection is ClientService's retry too, but no failed pass).
+    assert log.count("none of the 3 brokers could be used") == 1, log.lines
+
+
+def test_one_broker_logs_no_pass_line() -> None:
+    only = ScriptedEndpoint("only")
+    only.works = False
+    with LogCapture() as log:
+        assert fired(FailoverEndpoint([only]).connect(None)).check(NoBrokerAvailable)  # type: ignore[list-item]
+    assert log.count("brokers could be used") == 0  # the endpoint's own line says why

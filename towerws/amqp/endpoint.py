@@ -192,16 +192,18 @@ class FailoverEndpoint:
     ``endpoints`` are in the order to try (shuffled by the caller); after a
     connection (and so after its loss) the next ``connect()`` starts with the
     endpoint after the one that worked.  Each failed attempt was logged by its
-    endpoint; a whole pass that failed raises :class:`NoBrokerAvailable`.
+    endpoint; a whole pass that failed is logged once more (with several
+    endpoints) and raises :class:`NoBrokerAvailable`, after which ClientService's
+    back-off applies.
     """
+
+    log = Logger(namespace="towerws.amqp")
 
     def __init__(self, endpoints: list[SetUpEndpoint]):
         if not endpoints:
             raise ValueError("no broker endpoints")
         self.endpoints = endpoints
         self._next = 0
-        #: the endpoint of the connection made last (None before the first)
-        self.current: SetUpEndpoint | None = None
 
     def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
         return Deferred.fromCoroutine(self._connect(factory))
@@ -217,8 +219,9 @@ class FailoverEndpoint:
             except Exception:
                 continue  # SetUpEndpoint has logged why; on to the next node
             self._next = (index + 1) % count
-            self.current = self.endpoints[index]
             return protocol
+        if count > 1:
+            self.log.warn("none of the {count} brokers could be used; trying again after a back-off", count=count)
         raise NoBrokerAvailable(count)
 
     def __repr__(self) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.application.service import Service
@@ -94,7 +94,8 @@ class AMQPService(Service):
             for address in self.brokers.shuffled(rng)
         ])
         self._service = QuietClientService(
-            self._failover, factory, retryPolicy=self._retry_delay(settings.reconnect_max_delay), clock=reactor
+            self._failover, factory, retryPolicy=retry_delays(initial=0.5, cap=settings.reconnect_max_delay),
+            clock=reactor,
         )
 
     # -- the Bus: the hub's events and the websocket side's waits go to the bindings
@@ -174,19 +175,6 @@ class AMQPService(Service):
     def _build_protocol(self) -> BrokerProtocol:
         # The vhost is set per broker node in _set_up (each URL may name its own).
         return BrokerProtocol(self._deliver, "/", self.settings.amqp_heartbeat, self.reactor, f"towerws {self.queue}")
-
-    def _retry_delay(self, cap: float) -> Callable[[int], float]:
-        delays = retry_delays(initial=0.5, cap=cap)
-        if len(self.brokers) == 1:
-            return delays  # each failed attempt was logged with its reason
-
-        def delay(passes: int) -> float:
-            seconds = delays(passes)
-            self.log.warn("none of the {count} brokers could be used; trying again in {delay:.1f} s",
-                          count=len(self.brokers), delay=seconds)
-            return seconds
-
-        return delay
 
     def queue_arguments(self) -> dict[str, Any]:
         """``queue.declare`` arguments of this node's queue (``x-queue-type`` only for quorum)."""
